@@ -1,0 +1,195 @@
+"""The configuration file: service limits, policies and static devices (TOML).
+
+A bad file stops the daemon before it touches the bus, with one message that
+names the file, the line and what is wrong. Unknown keys are errors too: a typo
+silently ignored is a setting silently lost.
+
+Example::
+
+    [service]
+    max_sessions = 256            # all clients together
+    max_sessions_per_client = 16
+    lock_max_hold_ms = 30000      # a device lock held longer is revoked
+    event_queue_length = 64       # per data-mode session
+    poll_interval_ms = 1000       # for drivers that can only poll for events
+
+    [[device]]
+    id = "scanner1"
+    driver = "sim"
+    port = ""
+    name = "Office scanner"
+    options = { feeder = true }
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+DEFAULT_RUNTIME_DIR = "/run/stillsvc"
+DEFAULT_STATE_DIR = "/var/lib/stillsvc"
+
+
+class ConfigError(Exception):
+    """A configuration file the daemon refuses to run with."""
+
+    def __init__(self, path: str, line: int | None, what: str) -> None:
+        where = f"{path}:{line}" if line else path
+        super().__init__(f"{where}: {what}")
+        self.path = path
+        self.line = line
+        self.what = what
+
+
+@dataclass(frozen=True)
+class Limits:
+    max_sessions: int = 256
+    max_sessions_per_client: int = 16
+    lock_max_hold_ms: int = 30_000
+    event_queue_length: int = 64
+    poll_interval_ms: int = 1_000
+    max_registrations_per_user: int = 32
+    max_string_length: int = 4096
+
+
+@dataclass(frozen=True)
+class DeviceConfig:
+    id: str
+    driver: str
+    port: str = ""
+    name: str = ""
+    options: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Config:
+    limits: Limits = field(default_factory=Limits)
+    devices: tuple[DeviceConfig, ...] = ()
+    runtime_dir: str = DEFAULT_RUNTIME_DIR
+    state_dir: str = DEFAULT_STATE_DIR
+    source: str | None = None
+
+
+# name -> (type, minimum)
+_LIMIT_KEYS: dict[str, tuple[type, int]] = {
+    "max_sessions": (int, 1),
+    "max_sessions_per_client": (int, 1),
+    "lock_max_hold_ms": (int, 10),
+    "event_queue_length": (int, 1),
+    "poll_interval_ms": (int, 10),
+    "max_registrations_per_user": (int, 0),
+    "max_string_length": (int, 64),
+}
+_PATH_KEYS = ("runtime_dir", "state_dir")
+_DEVICE_KEYS: dict[str, type] = {"id": str, "driver": str, "port": str, "name": str, "options": dict}
+_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:@+-]{0,63}$")
+
+
+class _Locator:
+    """Finds the line of a key, so semantic errors can point at it like syntax errors do."""
+
+    def __init__(self, text: str) -> None:
+        self.lines = text.splitlines()
+
+    def table(self, header: str, index: int = 0) -> int | None:
+        pattern = re.compile(r"^\s*\[+\s*" + re.escape(header) + r"\s*\]+")
+        seen = -1
+        for number, line in enumerate(self.lines, 1):
+            if pattern.match(line):
+                seen += 1
+                if seen == index:
+                    return number
+        return None
+
+    def key(self, key: str, after: int | None) -> int | None:
+        pattern = re.compile(r"^\s*" + re.escape(key) + r"\s*=")
+        for number, line in enumerate(self.lines, 1):
+            if after is not None and number < after:
+                continue
+            if pattern.match(line):
+                return number
+            if after is not None and number > after and line.lstrip().startswith("["):
+                break
+        return after
+
+
+def load(path: str | os.PathLike[str]) -> Config:
+    """Read and check a configuration file; raise :class:`ConfigError` on any problem."""
+    name = str(path)
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError(name, None, "no such file") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError(name, None, f"cannot read: {e}") from None
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as e:
+        match = re.search(r"\(at line (\d+), column (\d+)\)", str(e))
+        line = int(match.group(1)) if match else None
+        what = re.sub(r"\s*\(at line \d+, column \d+\)", "", str(e))
+        raise ConfigError(name, line, f"not valid TOML: {what}") from None
+    return parse(data, name, _Locator(text))
+
+
+def parse(data: dict[str, Any], name: str = "<config>", where: _Locator | None = None) -> Config:
+    where = where or _Locator("")
+    unknown = set(data) - {"service", "device"}
+    if unknown:
+        key = sorted(unknown)[0]
+        raise ConfigError(name, where.key(key, None) or where.table(key),
+                          f"unknown section or key '{key}' (expected [service] or [[device]])")
+
+    service = data.get("service", {})
+    if not isinstance(service, dict):
+        raise ConfigError(name, where.key("service", None), "'service' must be a table")
+    line = where.table("service")
+    limits: dict[str, int] = {}
+    paths: dict[str, str] = {}
+    for key, value in service.items():
+        if key in _LIMIT_KEYS:
+            kind, minimum = _LIMIT_KEYS[key]
+            if type(value) is not kind:
+                raise ConfigError(name, where.key(key, line), f"service.{key} must be an integer, not {value!r}")
+            if value < minimum:
+                raise ConfigError(name, where.key(key, line), f"service.{key} must be at least {minimum}, not {value}")
+            limits[key] = value
+        elif key in _PATH_KEYS:
+            if not isinstance(value, str) or not value.startswith("/"):
+                raise ConfigError(name, where.key(key, line), f"service.{key} must be an absolute path")
+            paths[key] = value
+        else:
+            known = ", ".join(sorted([*_LIMIT_KEYS, *_PATH_KEYS]))
+            raise ConfigError(name, where.key(key, line), f"unknown key service.{key} (known: {known})")
+
+    raw_devices = data.get("device", [])
+    if not isinstance(raw_devices, list):
+        raise ConfigError(name, where.key("device", None), "devices are written as [[device]] tables")
+    devices: list[DeviceConfig] = []
+    seen: set[str] = set()
+    for index, entry in enumerate(raw_devices):
+        line = where.table("device", index)
+        for key, value in entry.items():
+            if key not in _DEVICE_KEYS:
+                raise ConfigError(name, where.key(key, line),
+                                  f"unknown key '{key}' in [[device]] (known: {', '.join(_DEVICE_KEYS)})")
+            if not isinstance(value, _DEVICE_KEYS[key]):
+                raise ConfigError(name, where.key(key, line),
+                                  f"device.{key} must be a {_DEVICE_KEYS[key].__name__}, not {value!r}")
+        for key in ("id", "driver"):
+            if key not in entry:
+                raise ConfigError(name, line, f"[[device]] #{index + 1} has no '{key}'")
+        if not _ID_RE.match(entry["id"]):
+            raise ConfigError(name, where.key("id", line),
+                              f"device id {entry['id']!r} must be 1-64 characters of letters, digits and _.:@+- "
+                              "starting with a letter or digit")
+        if entry["id"] in seen:
+            raise ConfigError(name, where.key("id", line), f"device id {entry['id']!r} is used twice")
+        seen.add(entry["id"])
+        devices.append(DeviceConfig(**entry))
+
+    return Config(limits=Limits(**limits), devices=tuple(devices), source=name, **paths)

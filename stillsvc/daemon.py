@@ -1,0 +1,154 @@
+"""``stillsvc``: the daemon.
+
+    stillsvc --bus system|session|ADDRESS [--config PATH] [--simulate]
+
+``--simulate`` adds the built-in simulated scanner ``sim0`` (no configuration
+file needed): the embedded default for trying the service out and for tests.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import dataclasses
+import os
+import signal
+import sys
+
+import structlog
+from dbus_fast import BusType, RequestNameReply
+from dbus_fast.constants import NameFlag
+
+from . import __version__, config as config_module, log as log_module, notify
+from .config import Config, ConfigError, DeviceConfig
+from .devices import DeviceManager
+from .dbus.bus import ServiceBus
+from .dbus.service import Service
+from .names import BUS_NAME
+
+log = structlog.get_logger("stillsvc")
+
+EXIT_CONFIG = 2
+EXIT_NAME_TAKEN = 3
+EXIT_NO_BUS = 4
+
+
+def _default_dir(kind: str, configured: str, default: str) -> str:
+    """systemd's RUNTIME_DIRECTORY/STATE_DIRECTORY first, then the config file, and
+    for a user who cannot write the system default, a per-user location."""
+    env = os.environ.get(f"{kind.upper()}_DIRECTORY")
+    if env:
+        return env.split(":")[0]
+    if configured != default or os.geteuid() == 0:
+        return configured
+    base = os.environ.get("XDG_RUNTIME_DIR" if kind == "runtime" else "XDG_STATE_HOME")
+    if not base:
+        base = f"/tmp/stillsvc-{os.geteuid()}" if kind == "runtime" else os.path.expanduser("~/.local/state")
+        return base if kind == "runtime" else os.path.join(base, "stillsvc")
+    return os.path.join(base, "stillsvc")
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="stillsvc", description="The still-image service for Linux.")
+    parser.add_argument("--bus", default="system",
+                        help="'system', 'session' or a D-Bus address (default: system)")
+    parser.add_argument("--config", metavar="PATH", help="configuration file (TOML)")
+    parser.add_argument("--simulate", action="store_true", help="add the simulated scanner 'sim0'")
+    parser.add_argument("--runtime-dir", metavar="DIR", help="lock files live here (default /run/stillsvc)")
+    parser.add_argument("--state-dir", metavar="DIR", help="saved registrations live here (default /var/lib/stillsvc)")
+    parser.add_argument("--log-level", default=os.environ.get("STILLSVC_LOG_LEVEL", "info"),
+                        choices=["debug", "info", "warning", "error"])
+    parser.add_argument("--log-format", default="auto", choices=["auto", "console", "plain", "journal", "json"])
+    parser.add_argument("--version", action="version", version=f"stillsvc {__version__}")
+    return parser.parse_args(argv)
+
+
+def build_config(args: argparse.Namespace) -> Config:
+    cfg = config_module.load(args.config) if args.config else Config()
+    devices = list(cfg.devices)
+    if args.simulate and not any(d.id == "sim0" for d in devices):
+        devices.insert(0, DeviceConfig(id="sim0", driver="sim", name="Simulated Scanner"))
+    return dataclasses.replace(
+        cfg,
+        devices=tuple(devices),
+        runtime_dir=args.runtime_dir or _default_dir("runtime", cfg.runtime_dir, config_module.DEFAULT_RUNTIME_DIR),
+        state_dir=args.state_dir or _default_dir("state", cfg.state_dir, config_module.DEFAULT_STATE_DIR),
+    )
+
+
+async def connect(bus: str) -> ServiceBus:
+    if bus == "system":
+        return await ServiceBus(bus_type=BusType.SYSTEM).connect()
+    if bus == "session":
+        return await ServiceBus(bus_type=BusType.SESSION).connect()
+    return await ServiceBus(bus).connect()
+
+
+async def run(args: argparse.Namespace, cfg: Config) -> int:
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stop.set)
+
+    try:
+        bus = await connect(args.bus)
+    except Exception as e:
+        print(f"stillsvc: cannot connect to the {args.bus} bus: {e}", file=sys.stderr)
+        return EXIT_NO_BUS
+
+    manager = DeviceManager(cfg)
+    service = Service(bus, manager)
+    await service.start()
+    reply = await bus.request_name(BUS_NAME, NameFlag.DO_NOT_QUEUE)
+    if reply not in (RequestNameReply.PRIMARY_OWNER, RequestNameReply.ALREADY_OWNER):
+        print(f"stillsvc: the name {BUS_NAME} is already taken on this bus: another stillsvc is running",
+              file=sys.stderr)
+        bus.disconnect()
+        return EXIT_NAME_TAKEN
+    # Devices come after the name: a device that fails to start never keeps the
+    # service off the bus.
+    await manager.start()
+    log.info("service ready", bus=args.bus, unique_name=bus.unique_name, devices=len(manager.devices),
+             runtime_dir=cfg.runtime_dir, version=__version__)
+    notify.notify(f"READY=1\nSTATUS=Serving {len(manager.devices)} device(s)")
+    watchdog = None
+    interval = notify.watchdog_interval()
+    if interval:
+        watchdog = loop.create_task(notify.watchdog_loop(interval))
+
+    disconnected = loop.create_task(bus.wait_for_disconnect())
+    stopping = loop.create_task(stop.wait())
+    await asyncio.wait({disconnected, stopping}, return_when=asyncio.FIRST_COMPLETED)
+    code = 0
+    if disconnected.done():
+        log.error("lost the bus connection")
+        code = 1
+    notify.notify("STOPPING=1")
+    log.info("service stopping")
+    for task in (watchdog, stopping, disconnected):
+        if task is not None:
+            task.cancel()
+    service.stop()
+    await manager.stop()
+    if bus.connected:
+        bus.disconnect()
+    log.info("service stopped")
+    return code
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    log_module.setup(args.log_level, args.log_format)
+    try:
+        cfg = build_config(args)
+    except ConfigError as e:
+        print(f"stillsvc: bad configuration: {e}", file=sys.stderr)
+        sys.exit(EXIT_CONFIG)
+    try:
+        sys.exit(asyncio.run(run(args, cfg)))
+    except KeyboardInterrupt:
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,432 @@
+"""The exported interfaces. Each method checks its caller and arguments, then calls the core.
+
+Signatures and documentation: one XML file per interface in ``dbus/``; a test
+checks that what is exported here matches them exactly.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from dbus_fast import PropertyAccess, Variant
+from dbus_fast.service import ServiceInterface, dbus_property, signal
+
+from .. import __version__
+from ..driver import Mode
+from ..errors import InvalidArgument, NotFound
+from ..names import (
+    DEVICE_IFACE,
+    MANAGER_IFACE,
+    SESSION_IFACE,
+    SIMULATOR_IFACE,
+    device_path,
+    session_path,
+)
+from .bus import caller, method
+from .variants import check_options, integer_option, to_vardict
+
+if TYPE_CHECKING:
+    from ..devices import Device
+    from ..sessions import Session
+    from .service import Service
+
+MAX_WAIT_MS = 10 * 60 * 1000
+MAX_IO_BYTES = 16 * 1024 * 1024
+
+
+def _check_string(service: Service, value: str, what: str):
+    if len(value) > service.manager.limits.max_string_length:
+        raise InvalidArgument(f"{what} is too long ({len(value)} characters)")
+
+
+class ManagerInterface(ServiceInterface):
+    def __init__(self, service: Service):
+        super().__init__(MANAGER_IFACE)
+        self.service = service
+
+    @dbus_property(access=PropertyAccess.READ)
+    def Version(self) -> "s":
+        return __version__
+
+    @dbus_property(access=PropertyAccess.READ)
+    def Devices(self) -> "ao":
+        return sorted(device_path(d) for d in self.service.manager.devices)
+
+    @method()
+    def GetDevices(self) -> "ao":
+        return sorted(device_path(d) for d in self.service.manager.devices)
+
+    @method()
+    def FindDevice(self, device_id: "s") -> "o":
+        _check_string(self.service, device_id, "device_id")
+        return device_path(self.service.manager.get(device_id).id)
+
+    @method()
+    async def CreateDevice(self, device_id: "s", mode: "s", options: "a{sv}") -> "o":
+        _check_string(self.service, device_id, "device_id")
+        parsed = Mode.parse(mode)
+        check_options(options, {"wait_ms"})
+        wait_ms = integer_option(options, "wait_ms", 0, 0, MAX_WAIT_MS)
+        client = await self.service.client(caller())
+        session = await self.service.manager.create_session(device_id, parsed, client, wait_ms / 1000)
+        return self.service.export_session(session)
+
+    @method()
+    async def WatchEvents(self):
+        await self.service.watch_events(caller())
+
+    @method()
+    def UnwatchEvents(self):
+        self.service.unwatch_events(caller())
+
+    @signal()
+    def EventRouted(self) -> "osttsa{sv}":  # pragma: no cover - sent with unicast_signal
+        raise NotImplementedError
+
+
+class DeviceInterface(ServiceInterface):
+    def __init__(self, service: Service, device: Device):
+        super().__init__(DEVICE_IFACE)
+        self.service = service
+        self.device = device
+
+    def snapshot(self) -> dict[str, Variant]:
+        d = self.device
+        holder = d.data_holder
+        return {
+            "Id": Variant("s", d.id),
+            "Name": Variant("s", d.info.name),
+            "Vendor": Variant("s", d.info.vendor),
+            "Model": Variant("s", d.info.model),
+            "Serial": Variant("s", d.info.serial),
+            "Kind": Variant("s", d.info.kind),
+            "Driver": Variant("s", d.driver.name),
+            "Port": Variant("s", d.config.port),
+            "State": Variant("s", d.state),
+            "Capabilities": Variant("as", list(d.info.capabilities)),
+            "EventNames": Variant("as", list(d.info.event_names)),
+            "DataModeHeld": Variant("b", holder is not None),
+            "DataModeHolder": Variant("s", holder.client.describe() if holder else ""),
+            "LockFile": Variant("s", str(d.lockfile.path)),
+            "Simulated": Variant("b", d.driver.simulated),
+        }
+
+    def changed(self, names: list[str]):
+        snap = self.snapshot()
+        expanded = set(names)
+        if "DataModeHolder" in expanded:
+            expanded.add("DataModeHeld")
+        self.emit_properties_changed({n: snap[n].value for n in expanded if n in snap})
+
+    @dbus_property(access=PropertyAccess.READ)
+    def Id(self) -> "s":
+        return self.device.id
+
+    @dbus_property(access=PropertyAccess.READ)
+    def Name(self) -> "s":
+        return self.device.info.name
+
+    @dbus_property(access=PropertyAccess.READ)
+    def Vendor(self) -> "s":
+        return self.device.info.vendor
+
+    @dbus_property(access=PropertyAccess.READ)
+    def Model(self) -> "s":
+        return self.device.info.model
+
+    @dbus_property(access=PropertyAccess.READ)
+    def Serial(self) -> "s":
+        return self.device.info.serial
+
+    @dbus_property(access=PropertyAccess.READ)
+    def Kind(self) -> "s":
+        return self.device.info.kind
+
+    @dbus_property(access=PropertyAccess.READ)
+    def Driver(self) -> "s":
+        return self.device.driver.name
+
+    @dbus_property(access=PropertyAccess.READ)
+    def Port(self) -> "s":
+        return self.device.config.port
+
+    @dbus_property(access=PropertyAccess.READ)
+    def State(self) -> "s":
+        return self.device.state
+
+    @dbus_property(access=PropertyAccess.READ)
+    def Capabilities(self) -> "as":
+        return list(self.device.info.capabilities)
+
+    @dbus_property(access=PropertyAccess.READ)
+    def EventNames(self) -> "as":
+        return list(self.device.info.event_names)
+
+    @dbus_property(access=PropertyAccess.READ)
+    def DataModeHeld(self) -> "b":
+        return self.device.data_holder is not None
+
+    @dbus_property(access=PropertyAccess.READ)
+    def DataModeHolder(self) -> "s":
+        holder = self.device.data_holder
+        return holder.client.describe() if holder else ""
+
+    @dbus_property(access=PropertyAccess.READ)
+    def LockFile(self) -> "s":
+        return str(self.device.lockfile.path)
+
+    @dbus_property(access=PropertyAccess.READ)
+    def Simulated(self) -> "b":
+        return self.device.driver.simulated
+
+
+class SessionInterface(ServiceInterface):
+    def __init__(self, service: Service, session: Session):
+        super().__init__(SESSION_IFACE)
+        self.service = service
+        self.session = session
+        self.path = session_path(session.number)
+
+    def _mine(self) -> Session:
+        """The session, after checking that the caller owns it and it is open."""
+        self.session.check_owner(caller())
+        self.session.check_open()
+        return self.session
+
+    @dbus_property(access=PropertyAccess.READ)
+    def Device(self) -> "o":
+        return device_path(self.session.device_id)
+
+    @dbus_property(access=PropertyAccess.READ)
+    def DeviceId(self) -> "s":
+        return self.session.device_id
+
+    @dbus_property(access=PropertyAccess.READ)
+    def Mode(self) -> "s":
+        return self.session.mode.label
+
+    @dbus_property(access=PropertyAccess.READ)
+    def HoldsLock(self) -> "b":
+        return self.session.holds_lock
+
+    @dbus_property(access=PropertyAccess.READ)
+    def Subscribed(self) -> "b":
+        return self.session.subscribed
+
+    @dbus_property(access=PropertyAccess.READ)
+    def QueuedEvents(self) -> "u":
+        return len(self.session.events)
+
+    @dbus_property(access=PropertyAccess.READ)
+    def DroppedEvents(self) -> "u":
+        return self.session.events_dropped
+
+    @dbus_property(access=PropertyAccess.READ)
+    def RootItem(self) -> "o":
+        return self.service.root_item_path(self.session)
+
+    @method()
+    async def LockDevice(self, timeout_ms: "u"):
+        session = self._mine()
+        if timeout_ms > MAX_WAIT_MS:
+            raise InvalidArgument(f"timeout_ms must be at most {MAX_WAIT_MS}")
+        await session.device.lock(session, timeout_ms / 1000)
+        self.emit_properties_changed({"HoldsLock": True})
+
+    @method()
+    async def UnlockDevice(self):
+        session = self._mine()
+        if not session.holds_lock:
+            raise InvalidArgument("this session does not hold the device lock")
+        await session.device.unlock(session)
+        self.emit_properties_changed({"HoldsLock": False})
+
+    @method()
+    async def GetStatus(self) -> "a{sv}":
+        session = self._mine()
+        return to_vardict(await session.device.io(session, session.device.driver.get_status, why="status"))
+
+    @method()
+    async def DeviceReset(self):
+        session = self._mine()
+        await session.device.io(session, session.device.driver.reset, why="reset")
+
+    @method()
+    async def Diagnostic(self) -> "a{sv}":
+        session = self._mine()
+        return to_vardict(await session.device.io(session, session.device.driver.diagnostic, why="diagnostic"))
+
+    @method()
+    async def Escape(self, code: "u", data: "ay") -> "ay":
+        session = self._mine()
+        if len(data) > MAX_IO_BYTES:
+            raise InvalidArgument(f"escape data is limited to {MAX_IO_BYTES} bytes")
+        return await session.device.io(session, session.device.driver.escape, code, bytes(data), session.mode,
+                                       why="escape")
+
+    @method()
+    async def RawReadData(self, size: "u") -> "ay":
+        session = self._mine()
+        if size > MAX_IO_BYTES:
+            raise InvalidArgument(f"size is limited to {MAX_IO_BYTES} bytes")
+        return await session.device.io(session, session.device.driver.read_data, size, session.mode, why="raw read")
+
+    @method()
+    async def RawWriteData(self, data: "ay"):
+        session = self._mine()
+        if len(data) > MAX_IO_BYTES:
+            raise InvalidArgument(f"data is limited to {MAX_IO_BYTES} bytes")
+        await session.device.io(session, session.device.driver.write_data, bytes(data), session.mode, why="raw write")
+
+    @method()
+    async def RawReadCommand(self, size: "u") -> "ay":
+        session = self._mine()
+        if size > MAX_IO_BYTES:
+            raise InvalidArgument(f"size is limited to {MAX_IO_BYTES} bytes")
+        return await session.device.io(session, session.device.driver.read_command, size, session.mode,
+                                       why="raw command read")
+
+    @method()
+    async def RawWriteCommand(self, data: "ay"):
+        session = self._mine()
+        if len(data) > MAX_IO_BYTES:
+            raise InvalidArgument(f"data is limited to {MAX_IO_BYTES} bytes")
+        await session.device.io(session, session.device.driver.write_command, bytes(data), session.mode,
+                                why="raw command write")
+
+    @method()
+    def Subscribe(self):
+        session = self._mine()
+        session.subscribed = True
+        self.emit_properties_changed({"Subscribed": True})
+
+    @method()
+    def Unsubscribe(self):
+        session = self._mine()
+        session.subscribed = False
+        self.emit_properties_changed({"Subscribed": False})
+
+    @method()
+    def GetLastNotificationData(self) -> "a{sv}":
+        session = self.session
+        session.check_owner(caller())
+        if session.closed:
+            raise NotFound(f"session {session.number} is closed")
+        record = session.next_event()
+        return to_vardict({
+            "event": record.name,
+            "device": record.device_id,
+            "sequence": Variant("t", record.sequence),
+            "timestamp_us": Variant("x", int(record.timestamp * 1_000_000)),
+            "data": record.data,
+            "dropped": Variant("u", session.events_dropped),
+            "remaining": Variant("u", len(session.events)),
+        })
+
+    @method()
+    async def HandOver(self) -> "h":
+        session = self._mine()
+        fd = await session.device.hand_over(session)
+        self.emit_properties_changed({"HoldsLock": False})
+        # dbus-fast sends a dup of the descriptor; ours is closed once it is queued.
+        self.service.close_after_reply(fd)
+        return fd
+
+    @method()
+    async def Close(self):
+        self.session.check_owner(caller())
+        if self.session.closed:
+            raise NotFound(f"session {self.session.number} is closed")
+        await self.service.manager.close_session(self.session)
+
+    @signal()
+    def LockRevoked(self) -> "s":  # pragma: no cover - sent with unicast_signal
+        raise NotImplementedError
+
+    @signal()
+    def EventQueued(self) -> "st":  # pragma: no cover - sent with unicast_signal
+        raise NotImplementedError
+
+
+class SimulatorInterface(ServiceInterface):
+    """Drive a simulated device: only exported for drivers with ``simulated = True``."""
+
+    def __init__(self, service: Service, device_id: str):
+        super().__init__(SIMULATOR_IFACE)
+        self.service = service
+        self.device_id = device_id
+
+    @property
+    def driver(self) -> Any:
+        return self.service.manager.simulators[self.device_id]
+
+    def snapshot(self) -> dict[str, Variant]:
+        state = self.driver.simulator_state()
+        return {
+            "Connected": Variant("b", state["connected"]),
+            "PortOpen": Variant("b", state["port_open"]),
+            "PagesLoaded": Variant("u", state["pages_loaded"]),
+            "Jammed": Variant("b", state["jammed"]),
+            "FeederAttached": Variant("b", state["feeder_attached"]),
+            "PagesFed": Variant("u", state["pages_fed"]),
+        }
+
+    def changed(self):
+        self.emit_properties_changed({k: v.value for k, v in self.snapshot().items()})
+
+    async def _act(self, action: str, **arguments: Any):
+        driver = self.driver
+        loop_call = self.service.manager.loop.run_in_executor
+        await loop_call(driver._stillsvc_executor, lambda: driver.simulate(action, **arguments))
+        self.changed()
+
+    @method()
+    async def PressButton(self, button: "s"):
+        _check_string(self.service, button, "button")
+        await self._act("press_button", button=button)
+
+    @method()
+    async def LoadPages(self, count: "u"):
+        await self._act("load_pages", count=count)
+
+    @method()
+    async def Jam(self, at_row: "u"):
+        await self._act("jam", at_row=at_row)
+
+    @method()
+    async def Unplug(self):
+        await self._act("unplug")
+
+    @method()
+    async def Replug(self):
+        await self._act("replug")
+
+    @method()
+    async def AttachFeeder(self, attached: "b"):
+        await self._act("attach_feeder", attached=attached)
+
+    @dbus_property(access=PropertyAccess.READ)
+    def Connected(self) -> "b":
+        return self.driver.simulator_state()["connected"]
+
+    @dbus_property(access=PropertyAccess.READ)
+    def PortOpen(self) -> "b":
+        return self.driver.simulator_state()["port_open"]
+
+    @dbus_property(access=PropertyAccess.READ)
+    def PagesLoaded(self) -> "u":
+        return self.driver.simulator_state()["pages_loaded"]
+
+    @dbus_property(access=PropertyAccess.READ)
+    def Jammed(self) -> "b":
+        return self.driver.simulator_state()["jammed"]
+
+    @dbus_property(access=PropertyAccess.READ)
+    def FeederAttached(self) -> "b":
+        return self.driver.simulator_state()["feeder_attached"]
+
+    @dbus_property(access=PropertyAccess.READ)
+    def PagesFed(self) -> "u":
+        return self.driver.simulator_state()["pages_fed"]
+
+

@@ -1,0 +1,291 @@
+"""Keeps the exported object tree in step with the core, and knows the clients.
+
+* Devices appear and disappear as objects under ``/org/stillsvc/StillImage1/devices``
+  with ``InterfacesAdded``/``InterfacesRemoved`` sent from the manager's path.
+* Sessions are objects under ``…/sessions/<n>``; they are private to their client,
+  so no ObjectManager signal announces them.
+* Every client that opens a session (or watches events) is watched with a
+  ``NameOwnerChanged`` match for its unique name: when it leaves the bus, the core
+  closes everything it had, at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from typing import Any
+
+import structlog
+from dbus_fast import Message, MessageType, Variant
+from dbus_fast.service import ServiceInterface, method as plain_method, signal
+
+from ..devices import Device, DeviceManager, Listener
+from ..sessions import Client, EventRecord, Session
+from ..names import (
+    BUS_NAME,
+    DEVICE_IFACE,
+    MANAGER_IFACE,
+    ROOT_PATH,
+    SESSION_IFACE,
+    SIMULATOR_IFACE,
+    device_path,
+)
+from .bus import ServiceBus
+from .interfaces import DeviceInterface, ManagerInterface, SessionInterface, SimulatorInterface
+from .variants import to_vardict
+
+log = structlog.get_logger(__name__)
+
+OBJECT_MANAGER_IFACE = "org.freedesktop.DBus.ObjectManager"
+DBUS_NAME = "org.freedesktop.DBus"
+DBUS_PATH = "/org/freedesktop/DBus"
+
+
+class ObjectManagerInterface(ServiceInterface):
+    """Present in introspection only: calls are answered by :meth:`Service._handle`,
+    which runs before the library's own (path-blind) ObjectManager handler."""
+
+    def __init__(self) -> None:
+        super().__init__(OBJECT_MANAGER_IFACE)
+
+    @plain_method()
+    def GetManagedObjects(self) -> "a{oa{sa{sv}}}":  # pragma: no cover
+        return {}
+
+    @signal()
+    def InterfacesAdded(self) -> "oa{sa{sv}}":  # pragma: no cover
+        raise NotImplementedError
+
+    @signal()
+    def InterfacesRemoved(self) -> "oas":  # pragma: no cover
+        raise NotImplementedError
+
+
+class Service(Listener):
+    def __init__(self, bus: ServiceBus, manager: DeviceManager) -> None:
+        self.bus = bus
+        self.manager = manager
+        self.manager_iface = ManagerInterface(self)
+        self.device_ifaces: dict[str, DeviceInterface] = {}
+        self.simulator_ifaces: dict[str, SimulatorInterface] = {}
+        self.session_ifaces: dict[int, SessionInterface] = {}
+        self.clients: dict[str, Client] = {}
+        self._client_lookups: dict[str, asyncio.Future[Client]] = {}
+        self.event_watchers: set[str] = set()
+        self._fds_to_close: list[int] = []
+
+    # -- start and stop -----------------------------------------------------------
+    async def start(self) -> None:
+        self.bus.add_message_handler(self._handle)
+        self.bus.export(ROOT_PATH, self.manager_iface)
+        self.bus.export(ROOT_PATH, ObjectManagerInterface())
+        self.manager.listeners.append(self)
+        for device in self.manager.devices.values():
+            self.device_added(device)
+
+    def stop(self) -> None:
+        if self in self.manager.listeners:
+            self.manager.listeners.remove(self)
+
+    # -- messages the library must not answer itself -------------------------------
+    def _handle(self, msg: Message) -> Message | bool | None:
+        if msg.message_type is MessageType.SIGNAL:
+            if msg.member == "NameOwnerChanged" and msg.sender == DBUS_NAME and msg.body[2] == "":
+                self._name_lost(msg.body[0])
+            return None
+        if msg.message_type is not MessageType.METHOD_CALL:
+            return None
+        if msg.interface == OBJECT_MANAGER_IFACE and msg.member == "GetManagedObjects":
+            if msg.path != ROOT_PATH or msg.signature != "":
+                return Message.new_error(msg, "org.freedesktop.DBus.Error.UnknownMethod",
+                                         f"no ObjectManager at {msg.path}; it is at {ROOT_PATH}")
+            return Message.new_method_return(msg, "a{oa{sa{sv}}}", [self.managed_objects()])
+        return None
+
+    def managed_objects(self) -> dict[str, dict[str, dict[str, Variant]]]:
+        objects: dict[str, dict[str, dict[str, Variant]]] = {}
+        for device_id in set(self.device_ifaces) | set(self.simulator_ifaces):
+            objects[device_path(device_id)] = self._interfaces_of(device_id)
+        return objects
+
+    def _interfaces_of(self, device_id: str) -> dict[str, dict[str, Variant]]:
+        interfaces: dict[str, dict[str, Variant]] = {}
+        if device_id in self.device_ifaces:
+            interfaces[DEVICE_IFACE] = self.device_ifaces[device_id].snapshot()
+        if device_id in self.simulator_ifaces:
+            interfaces[SIMULATOR_IFACE] = self.simulator_ifaces[device_id].snapshot()
+        return interfaces
+
+    def close_after_reply(self, fd: int) -> None:
+        """Close ``fd`` once the reply carrying it has left for the bus (the library
+        sends descriptors from the caller's copy, whenever the socket has room)."""
+        self._fds_to_close.append(fd)
+        self.manager.loop.call_soon(self._close_sent_fds)
+
+    def _close_sent_fds(self) -> None:
+        writer = getattr(self.bus, "_writer", None)
+        if writer is not None and (writer.buf is not None or writer.messages) and self.bus.connected:
+            self.manager.loop.call_later(0.01, self._close_sent_fds)
+            return
+        fds, self._fds_to_close = self._fds_to_close, []
+        for fd in fds:
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+
+    # -- devices --------------------------------------------------------------------
+    def device_added(self, device: Device) -> None:
+        path = device_path(device.id)
+        iface = DeviceInterface(self, device)
+        self.device_ifaces[device.id] = iface
+        self.bus.export(path, iface)
+        added = {DEVICE_IFACE: iface.snapshot()}
+        if device.driver.simulated and device.id not in self.simulator_ifaces:
+            sim = SimulatorInterface(self, device.id)
+            self.simulator_ifaces[device.id] = sim
+            self.bus.export(path, sim)
+            added[SIMULATOR_IFACE] = sim.snapshot()
+        elif device.id in self.simulator_ifaces:
+            self.simulator_ifaces[device.id].changed()
+        self.bus.broadcast_signal(ROOT_PATH, OBJECT_MANAGER_IFACE, "InterfacesAdded", "oa{sa{sv}}", [path, added])
+        self.manager_iface.emit_properties_changed({"Devices": sorted(device_path(d) for d in self.manager.devices)})
+
+    def device_removed(self, device: Device) -> None:
+        path = device_path(device.id)
+        iface = self.device_ifaces.pop(device.id, None)
+        if iface is None:
+            return
+        self.bus.unexport(path, iface)
+        removed = [DEVICE_IFACE]
+        if device.id not in self.manager.simulators and device.id in self.simulator_ifaces:
+            self.bus.unexport(path, self.simulator_ifaces.pop(device.id))
+            removed.append(SIMULATOR_IFACE)
+        elif device.id in self.simulator_ifaces:
+            self.simulator_ifaces[device.id].changed()
+        self.bus.broadcast_signal(ROOT_PATH, OBJECT_MANAGER_IFACE, "InterfacesRemoved", "oas", [path, removed])
+        self.manager_iface.emit_properties_changed({"Devices": sorted(device_path(d) for d in self.manager.devices)})
+
+    def device_changed(self, device: Device, names: list[str]) -> None:
+        iface = self.device_ifaces.get(device.id)
+        if iface is not None and iface.device is device:
+            iface.changed(names)
+        sim = self.simulator_ifaces.get(device.id)
+        if sim is not None:
+            sim.changed()
+
+    # -- sessions ---------------------------------------------------------------------
+    def export_session(self, session: Session) -> str:
+        iface = SessionInterface(self, session)
+        self.session_ifaces[session.number] = iface
+        self.bus.export(iface.path, iface)
+        session.on_lock_revoked.append(self._lock_revoked)
+        session.on_event.append(self._event_queued)
+        return iface.path
+
+    def root_item_path(self, session: Session) -> str:
+        return "/"
+
+    def session_closed(self, session: Session) -> None:
+        iface = self.session_ifaces.pop(session.number, None)
+        if iface is not None:
+            self.bus.unexport(iface.path, iface)
+
+    def _lock_revoked(self, session: Session) -> None:
+        iface = self.session_ifaces.get(session.number)
+        if iface is None:
+            return
+        reason = f"held longer than {self.manager.limits.lock_max_hold_ms} ms"
+        self.bus.unicast_signal(session.client.name, iface.path, SESSION_IFACE, "LockRevoked", "s", [reason])
+        iface.emit_properties_changed({"HoldsLock": False})
+
+    def _event_queued(self, session: Session, record: EventRecord) -> None:
+        iface = self.session_ifaces.get(session.number)
+        if iface is not None:
+            self.bus.unicast_signal(session.client.name, iface.path, SESSION_IFACE, "EventQueued", "st",
+                                    [record.name, record.sequence])
+
+    # -- events for administrators ------------------------------------------------
+    async def watch_events(self, name: str | None) -> None:
+        if name is None:
+            return
+        await self.client(name)
+        self.event_watchers.add(name)
+
+    def unwatch_events(self, name: str | None) -> None:
+        self.event_watchers.discard(name)  # type: ignore[arg-type]
+
+    def event_routed(self, device: Device, record: EventRecord, consumer: str) -> None:
+        body = [device_path(device.id), record.name, record.sequence, int(record.timestamp * 1_000_000), consumer,
+                to_vardict(record.data)]
+        for watcher in list(self.event_watchers):
+            self.bus.unicast_signal(watcher, ROOT_PATH, MANAGER_IFACE, "EventRouted", "osttsa{sv}", body)
+
+    # -- clients ---------------------------------------------------------------------
+    async def client(self, name: str | None) -> Client:
+        """Who ``name`` is (uid, pid, command), watched from now on for leaving the bus."""
+        if name is None:
+            return Client(name="(unknown)")
+        known = self.clients.get(name)
+        if known is not None:
+            return known
+        pending = self._client_lookups.get(name)
+        if pending is None:
+            pending = self.manager.loop.create_future()
+            self._client_lookups[name] = pending
+            self.manager._spawn(self._look_up(name, pending))
+        return await asyncio.shield(pending)
+
+    async def _look_up(self, name: str, result: asyncio.Future[Client]) -> None:
+        try:
+            await self._dbus_call("AddMatch", "s", [
+                f"type='signal',sender='{DBUS_NAME}',path='{DBUS_PATH}',interface='{DBUS_NAME}',"
+                f"member='NameOwnerChanged',arg0='{name}'"])
+            uid = pid = None
+            try:
+                creds = await self._dbus_call("GetConnectionCredentials", "s", [name])
+                uid = creds[0].get("UnixUserID", Variant("u", None)).value
+                pid = creds[0].get("ProcessID", Variant("u", None)).value
+            except Exception as e:
+                log.debug("no credentials for client", client=name, error=str(e))
+            command = None
+            if pid is not None:
+                try:
+                    with open(f"/proc/{pid}/comm", encoding="utf-8", errors="replace") as f:
+                        command = f.read().strip()
+                except OSError:
+                    pass
+            client = Client(name=name, uid=uid, pid=pid, command=command)
+            self.clients[name] = client
+            result.set_result(client)
+            has_owner = await self._dbus_call("NameHasOwner", "s", [name])
+            if not has_owner[0]:
+                self._name_lost(name)
+        except Exception as e:
+            if not result.done():
+                result.set_exception(e)
+        finally:
+            self._client_lookups.pop(name, None)
+
+    async def _dbus_call(self, member: str, signature: str, body: list[Any]) -> list[Any]:
+        reply = await self.bus.call(Message(destination=DBUS_NAME, path=DBUS_PATH, interface=DBUS_NAME,
+                                            member=member, signature=signature, body=body))
+        if reply.message_type is MessageType.ERROR:
+            raise RuntimeError(f"{member}: {reply.error_name}: {reply.body}")
+        return reply.body
+
+    def _name_lost(self, name: str) -> None:
+        if not name.startswith(":"):
+            return
+        self.event_watchers.discard(name)
+        client = self.clients.pop(name, None)
+        if client is None:
+            return
+        log.info("client left the bus", client=name)
+        self.manager._spawn(self.manager.client_vanished(name))
+        self.manager._spawn(self._dbus_call("RemoveMatch", "s", [
+            f"type='signal',sender='{DBUS_NAME}',path='{DBUS_PATH}',interface='{DBUS_NAME}',"
+            f"member='NameOwnerChanged',arg0='{name}'"]))
+
+
+__all__ = ["Service", "BUS_NAME"]

@@ -1,0 +1,488 @@
+"""Devices and the device manager: the core of the service, with no D-Bus in it.
+
+A :class:`Device` wraps one minidriver instance. It owns the two arbiters of the
+access model — data mode (one session) and the short-term device lock (FIFO,
+timeouts, maximum hold) — the advisory lock file that programs outside the service
+take part through, and a single worker thread that runs every blocking driver
+call, so the event loop never waits on a device and one device's slow driver never
+holds up another's.
+
+The :class:`DeviceManager` keeps the devices and sessions, applies the limits, and
+tells its listeners (the D-Bus layer, the event monitor) what changed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, Protocol, TypeVar
+
+import structlog
+
+from . import drivers as driver_registry
+from .config import Config, DeviceConfig
+from .driver import DeviceEvent, DeviceInfo, Minidriver, Mode
+from .errors import (
+    AccessDenied,
+    Busy,
+    Disconnected,
+    Failed,
+    InvalidArgument,
+    LimitExceeded,
+    NotFound,
+    NotSupported,
+    StillError,
+)
+from .locks import FairLock
+from .lockfile import DeviceLockFile
+from .names import sanitise_id
+from .sessions import Client, EventRecord, Session
+
+log = structlog.get_logger(__name__)
+T = TypeVar("T")
+
+
+class ManagerListener(Protocol):
+    """What the manager reports. Every method is optional (see :class:`Listener`)."""
+
+    def device_added(self, device: Device) -> None: ...
+    def device_removed(self, device: Device) -> None: ...
+    def device_changed(self, device: Device, names: list[str]) -> None: ...
+    def session_closed(self, session: Session) -> None: ...
+    def event_routed(self, device: Device, record: EventRecord, consumer: str) -> None: ...
+
+
+class Listener:
+    """A listener that ignores everything; subclass and override what you need."""
+
+    def device_added(self, device: Device) -> None: ...
+    def device_removed(self, device: Device) -> None: ...
+    def device_changed(self, device: Device, names: list[str]) -> None: ...
+    def session_closed(self, session: Session) -> None: ...
+    def event_routed(self, device: Device, record: EventRecord, consumer: str) -> None: ...
+
+
+class _Internal:
+    """The owner of a device-lock hold the service takes itself around one I/O."""
+
+    def __init__(self, why: str) -> None:
+        self.why = why
+
+    def describe(self) -> str:
+        return f"the service ({self.why})"
+
+
+def _describe_owner(owner: Any) -> str:
+    describe = getattr(owner, "describe", None)
+    return describe() if callable(describe) else str(owner)
+
+
+class Device:
+    """One device: its driver, its arbiters and its lock file."""
+
+    def __init__(self, manager: DeviceManager, config: DeviceConfig, driver: Minidriver, info: DeviceInfo) -> None:
+        self.manager = manager
+        self.id = config.id
+        self.config = config
+        self.driver = driver
+        self.info = info
+        self.disconnected = False
+        self.standing_back = False
+        self.sessions: set[Session] = set()
+        self.event_sequence = 0
+        self.events_undelivered = 0
+        self.log = log.bind(device=self.id)
+        self.data_mode: FairLock[Session] = FairLock(
+            f"device {self.id} in data mode", describe=_describe_owner)
+        self.device_lock: FairLock[Any] = FairLock(
+            f"the device lock of {self.id}",
+            max_hold=manager.config.limits.lock_max_hold_ms / 1000,
+            on_expired=self._lock_expired,
+            describe=_describe_owner,
+        )
+        self.lockfile = DeviceLockFile(manager.config.runtime_dir, self.id)
+        self._executor: ThreadPoolExecutor = driver._stillsvc_executor  # type: ignore[attr-defined]
+
+    # -- what clients see -------------------------------------------------------
+    @property
+    def state(self) -> str:
+        if self.disconnected:
+            return "disconnected"
+        if self.standing_back:
+            return "held-by-program"
+        return "ready"
+
+    @property
+    def data_holder(self) -> Session | None:
+        return self.data_mode.holder
+
+    # -- running driver calls ---------------------------------------------------
+    async def call(self, fn: Callable[..., T], *args: Any) -> T:
+        """Run a blocking driver call on this device's worker thread."""
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._executor, fn, *args)
+
+    def check_usable(self) -> None:
+        if self.disconnected:
+            raise Disconnected(f"device {self.id} has been disconnected")
+        if self.standing_back:
+            raise Busy(f"device {self.id} is held by another program")
+
+    async def io(self, session: Session | None, fn: Callable[..., T], *args: Any, why: str = "I/O") -> T:
+        """Run ``fn`` under the device lock: the session's own hold if it has one,
+        otherwise a hold the service takes (waiting in line) for this call alone."""
+        self.check_usable()
+        if session is not None and self.device_lock.holder is session:
+            return await self._guarded(fn, *args)
+        owner = _Internal(f"{why} for {session.describe()}" if session else why)
+        await self.lock(owner, self.manager.config.limits.lock_max_hold_ms / 1000)
+        try:
+            return await self._guarded(fn, *args)
+        finally:
+            await self.unlock(owner)
+
+    async def _guarded(self, fn: Callable[..., T], *args: Any) -> T:
+        try:
+            return await self.call(fn, *args)
+        except StillError:
+            raise
+        except Exception as e:
+            # A driver bug must not reach the client as a traceback, nor stop the service.
+            self.log.error("driver call failed", call=getattr(fn, "__name__", str(fn)), exc_info=e)
+            raise Failed(f"the {self.driver.name} driver failed: {type(e).__name__}") from e
+
+    # -- the device lock ----------------------------------------------------------
+    async def lock(self, owner: Any, timeout: float) -> None:
+        self.check_usable()
+        await self.device_lock.acquire(owner, timeout)
+        try:
+            self.check_usable()
+            if not self.lockfile.try_take():
+                raise Busy(f"device {self.id} is held by another program (lock file {self.lockfile.path})")
+            await self._guarded(self.driver.lock)
+        except BaseException:
+            self.lockfile.release()
+            if self.device_lock.holder is owner:
+                self.device_lock.release(owner)
+            raise
+
+    async def unlock(self, owner: Any) -> None:
+        if self.device_lock.holder is not owner:
+            raise Failed(f"the device lock of {self.id} is not held by this session")
+        try:
+            if not self.disconnected:
+                await self._guarded(self.driver.unlock)
+        except StillError as e:
+            self.log.warning("driver unlock failed", error=e.message)
+        finally:
+            self.lockfile.release()
+            if self.device_lock.holder is owner:
+                self.device_lock.release(owner)
+
+    def _lock_expired(self, owner: Any) -> None:
+        self.log.warning("device lock held too long, revoking", holder=_describe_owner(owner),
+                         max_hold_ms=self.manager.config.limits.lock_max_hold_ms)
+        self.manager._spawn(self._revoke(owner))
+
+    async def _revoke(self, owner: Any) -> None:
+        await self.unlock(owner)
+        if isinstance(owner, Session):
+            for callback in owner.on_lock_revoked:
+                callback(owner)
+
+    # -- handing the device to another program ---------------------------------
+    async def hand_over(self, session: Session) -> int:
+        """Stand back for a program outside the service: release the ports, stop
+        monitoring, and return the locked lock-file descriptor (the caller sends it
+        on and closes it). The service takes the device back when nobody holds the
+        lock file any more."""
+        if not session.holds_data or not session.holds_lock:
+            raise AccessDenied("handing the device over needs data mode and the device lock")
+        await self._guarded(self.driver.unlock)
+        await self._guarded(self.driver.release_port)
+        fd = self.lockfile.hand_over()
+        self.standing_back = True
+        self.device_lock.release(session)
+        self.log.info("standing back for another program", session=session.number, client=session.client.name)
+        loop = asyncio.get_running_loop()
+        self.lockfile.watch_until_free(lambda: loop.call_soon_threadsafe(self.manager._spawn, self._take_back()))
+        self.manager._changed(self, ["State"])
+        return fd
+
+    async def _take_back(self) -> None:
+        if not self.standing_back:
+            return
+        try:
+            if not self.disconnected:
+                await self._guarded(self.driver.reclaim_port)
+        except StillError as e:
+            self.log.error("could not reclaim the device's port", error=e.message)
+        self.standing_back = False
+        self.log.info("device is back from another program")
+        self.manager._changed(self, ["State"])
+
+    # -- events -----------------------------------------------------------------
+    def record_event(self, event: DeviceEvent) -> EventRecord:
+        self.event_sequence += 1
+        return EventRecord(self.id, event.name, self.event_sequence, time.time(), dict(event.data))
+
+
+class _Host:
+    """The DriverHost given to each driver: hops from driver threads to the loop."""
+
+    def __init__(self, manager: DeviceManager, device_id: str) -> None:
+        self.manager = manager
+        self.device_id = device_id
+        self.loop = manager.loop
+
+    def _post(self, fn: Callable[..., Any], *args: Any) -> None:
+        if self.loop.is_closed():
+            return
+        try:
+            running = asyncio.get_running_loop()
+        except RuntimeError:
+            running = None
+        if running is self.loop:
+            fn(*args)
+        else:
+            self.loop.call_soon_threadsafe(fn, *args)
+
+    def emit_event(self, event: DeviceEvent) -> None:
+        self._post(self.manager._driver_event, self.device_id, event)
+
+    def device_unplugged(self) -> None:
+        self._post(self.manager._unplugged, self.device_id)
+
+    def device_replugged(self) -> None:
+        self._post(self.manager._spawn_replug, self.device_id)
+
+
+class DeviceManager:
+    def __init__(self, config: Config, drivers: dict[str, type[Minidriver]] | None = None) -> None:
+        self.config = config
+        self.limits = config.limits
+        self.drivers = drivers if drivers is not None else driver_registry.discover()
+        self.devices: dict[str, Device] = {}
+        #: Drivers of devices that were unplugged but may come back (simulated ones).
+        self.unplugged: dict[str, tuple[DeviceConfig, Minidriver]] = {}
+        self.simulators: dict[str, Minidriver] = {}
+        self.sessions: dict[int, Session] = {}
+        self.listeners: list[ManagerListener] = []
+        #: Chooses the consumer of an event no data-mode session takes (the event
+        #: monitor sets it); returns a description of the consumer.
+        self.launcher: Callable[[Device, EventRecord], str] | None = None
+        self._pending: dict[str, int] = {}
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self.loop = asyncio.get_running_loop()
+
+    # -- plumbing ---------------------------------------------------------------
+    def _spawn(self, coro: Any) -> asyncio.Task[Any]:
+        task = self.loop.create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._task_done)
+        return task
+
+    def _task_done(self, task: asyncio.Task[Any]) -> None:
+        self._tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.error("background task failed", exc_info=task.exception())
+
+    def _notify(self, method: str, *args: Any) -> None:
+        for listener in list(self.listeners):
+            try:
+                getattr(listener, method)(*args)
+            except Exception:
+                log.exception("listener failed", listener=type(listener).__name__, notification=method)
+
+    def _changed(self, device: Device, names: list[str]) -> None:
+        self._notify("device_changed", device, names)
+
+    # -- devices ----------------------------------------------------------------
+    async def add_device(self, config: DeviceConfig, driver: Minidriver | None = None) -> Device:
+        if config.id in self.devices:
+            raise InvalidArgument(f"device id {config.id!r} is already in use")
+        path_element = sanitise_id(config.id)
+        if any(sanitise_id(other) == path_element for other in self.devices):
+            raise InvalidArgument(f"device id {config.id!r} clashes with another id's object path")
+        if driver is None:
+            cls = self.drivers.get(config.driver)
+            if cls is None:
+                raise NotFound(f"no driver named {config.driver!r} (installed: {', '.join(sorted(self.drivers))})")
+            driver = cls(config, _Host(self, config.id))
+            driver._stillsvc_executor = ThreadPoolExecutor(1, thread_name_prefix=f"device-{path_element}")  # type: ignore[attr-defined]
+        executor: ThreadPoolExecutor = driver._stillsvc_executor  # type: ignore[attr-defined]
+        loop = asyncio.get_running_loop()
+        try:
+            info = await loop.run_in_executor(executor, driver.initialize, config.port, Mode.STATUS)
+        except Exception as e:
+            log.error("device failed to initialise", device=config.id, driver=config.driver, error=str(e))
+            raise Failed(f"device {config.id} failed to initialise: {e}") from e
+        device = Device(self, config, driver, info)
+        self.devices[config.id] = device
+        if driver.simulated:
+            self.simulators[config.id] = driver
+        self.unplugged.pop(config.id, None)
+        device.log.info("device added", driver=driver.name, name=info.name)
+        self._notify("device_added", device)
+        return device
+
+    def get(self, device_id: str) -> Device:
+        device = self.devices.get(device_id)
+        if device is None:
+            raise NotFound(f"no device {device_id!r}")
+        return device
+
+    async def remove_device(self, device_id: str, *, keep_driver: bool = False) -> None:
+        device = self.devices.pop(device_id, None)
+        if device is None:
+            return
+        device.disconnected = True
+        for fair in (device.data_mode, device.device_lock):
+            for waiter in fair.waiting:
+                fair.discard(waiter, Disconnected(f"device {device_id} has been disconnected"))
+        device.lockfile.close()
+        device.log.info("device removed")
+        self._notify("device_removed", device)
+        if keep_driver:
+            self.unplugged[device_id] = (device.config, device.driver)
+        else:
+            try:
+                await device.call(device.driver.shutdown)
+            except Exception as e:
+                device.log.warning("driver shutdown failed", error=str(e))
+            device._executor.shutdown(wait=False)
+            self.simulators.pop(device_id, None)
+
+    def _unplugged(self, device_id: str) -> None:
+        self._spawn(self.remove_device(device_id, keep_driver=True))
+
+    def _spawn_replug(self, device_id: str) -> None:
+        self._spawn(self.replug(device_id))
+
+    async def replug(self, device_id: str) -> Device:
+        entry = self.unplugged.get(device_id)
+        if entry is None:
+            raise NotFound(f"device {device_id!r} is not unplugged")
+        config, driver = entry
+        return await self.add_device(config, driver)
+
+    # -- sessions ---------------------------------------------------------------
+    def sessions_of(self, client_name: str) -> list[Session]:
+        return [s for s in self.sessions.values() if s.client.name == client_name]
+
+    async def create_session(self, device_id: str, mode: Mode, client: Client, wait: float = 0.0) -> Session:
+        device = self.get(device_id)
+        device.check_usable()
+        if not client.internal:
+            mine = len(self.sessions_of(client.name)) + self._pending.get(client.name, 0)
+            if mine >= self.limits.max_sessions_per_client:
+                raise LimitExceeded(f"a client may have at most {self.limits.max_sessions_per_client} sessions")
+            if len(self.sessions) + sum(self._pending.values()) >= self.limits.max_sessions:
+                raise LimitExceeded(f"the service has reached its limit of {self.limits.max_sessions} sessions")
+        session = Session(device, client, mode, self.limits.event_queue_length)
+        self._pending[client.name] = self._pending.get(client.name, 0) + 1
+        try:
+            if mode & Mode.DATA:
+                await device.data_mode.acquire(session, wait)
+        finally:
+            self._pending[client.name] -= 1
+            if not self._pending[client.name]:
+                del self._pending[client.name]
+        if device.disconnected or device_id not in self.devices:
+            if device.data_mode.holder is session:
+                device.data_mode.release(session)
+            raise Disconnected(f"device {device_id} has been disconnected")
+        self.sessions[session.number] = session
+        device.sessions.add(session)
+        log.info("session opened", device=device_id, session=session.number, client=client.name, mode=mode.label)
+        if mode & Mode.DATA:
+            self._changed(device, ["DataModeHolder"])
+        return session
+
+    async def close_session(self, session: Session, why: str = "closed") -> None:
+        if session.closed:
+            return
+        session.closed = True
+        self.sessions.pop(session.number, None)
+        device = session.device
+        device.sessions.discard(session)
+        if device.device_lock.holder is session:
+            await device.unlock(session)
+        device.device_lock.discard(session, NotFound(f"session {session.number} is closed"))
+        held_data = device.data_mode.discard(session, NotFound(f"session {session.number} is closed"))
+        for callback in session.on_closed:
+            try:
+                callback(session)
+            except Exception:
+                log.exception("session close callback failed")
+        log.info("session closed", device=session.device_id, session=session.number,
+                 client=session.client.name, why=why)
+        self._notify("session_closed", session)
+        if held_data and not device.disconnected:
+            self._changed(device, ["DataModeHolder"])
+
+    async def client_vanished(self, client_name: str) -> None:
+        """The client left the bus: close everything it had, at once."""
+        sessions = self.sessions_of(client_name)
+        for session in sessions:
+            await self.close_session(session, why="client left the bus")
+        for device in list(self.devices.values()):
+            for fair in (device.data_mode, device.device_lock):
+                for waiter in fair.waiting:
+                    if getattr(getattr(waiter, "client", None), "name", None) == client_name:
+                        fair.discard(waiter)
+
+    # -- events -----------------------------------------------------------------
+    def _driver_event(self, device_id: str, event: DeviceEvent) -> None:
+        device = self.devices.get(device_id)
+        if device is None:
+            log.warning("event from a device that is gone", device=device_id, event_name=event.name)
+            return
+        record = device.record_event(event)
+        consumer = self.route(device, record)
+        self._notify("event_routed", device, record, consumer)
+
+    def route(self, device: Device, record: EventRecord) -> str:
+        """Deliver ``record`` to exactly one consumer; returns who took it."""
+        if device.standing_back:
+            device.events_undelivered += 1
+            device.log.info("event not routed: device held by another program",
+                            event_name=record.name, sequence=record.sequence)
+            return "none: held by another program"
+        holder = device.data_holder
+        if holder is not None:
+            dropped = holder.queue_event(record)
+            if dropped:
+                device.log.warning("event queue full, dropped the oldest", session=holder.number,
+                                   client=holder.client.name, dropped=holder.events_dropped)
+            return f"queue: session {holder.number} ({holder.client.name})"
+        if self.launcher is not None:
+            return self.launcher(device, record)
+        device.events_undelivered += 1
+        device.log.info("event undelivered: no application registered", event_name=record.name,
+                        sequence=record.sequence)
+        return "none: no application registered"
+
+    # -- lifetime -----------------------------------------------------------------
+    async def start(self) -> None:
+        for device_config in self.config.devices:
+            try:
+                await self.add_device(device_config)
+            except StillError as e:
+                log.error("device not added", device=device_config.id, error=e.message)
+
+    async def stop(self) -> None:
+        for session in list(self.sessions.values()):
+            await self.close_session(session, why="service stopping")
+        for device_id in list(self.devices):
+            await self.remove_device(device_id)
+        for device_id, (_config, driver) in list(self.unplugged.items()):
+            driver._stillsvc_executor.shutdown(wait=False)  # type: ignore[attr-defined]
+        self.unplugged.clear()
+        for task in list(self._tasks):
+            task.cancel()
+
+
+__all__ = ["Device", "DeviceManager", "Listener", "ManagerListener", "NotSupported"]

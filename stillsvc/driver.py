@@ -1,0 +1,247 @@
+"""The minidriver API: what a driver for a scanner or camera implements.
+
+A minidriver is a Python class, found through the ``stillsvc.drivers`` entry-point
+group and matched to devices declaratively (:class:`Match`, in the manner of an
+``.inf`` file). It covers both halves of the still-image model:
+
+*Device half* — open the port for a mode, lock/unlock hooks, status, reset,
+diagnostic, escape, raw data/command I/O and a source of device events.
+
+*Item half* — build the driver item tree, validate and write item properties,
+acquire image data in bands, and device commands such as ``synchronize``.
+
+Every method here is **blocking** and is called by the service in a worker
+thread, never on its event loop. The service serialises them: apart from
+:meth:`initialize` and :meth:`shutdown`, every call happens while the device lock
+is held, between :meth:`lock` and :meth:`unlock`.
+
+Modes. A device is opened in *status* mode (many clients, long-lived) or *data*
+mode (one client, short) or both. Calls that belong to a session carry that
+session's :class:`Mode`; a driver must refuse data transfers and raw data I/O to
+sessions that hold only status mode (:meth:`require_data` does it).
+
+Ports. A driver on a *dedicated* port (USB) opens it in :meth:`initialize`; a
+driver on a *shared* port (a serial line other devices may use) opens it only in
+:meth:`lock` and closes it in :meth:`unlock` (see :mod:`stillsvc.serialport`).
+When another program takes the device (``stillctl lock``), the service calls
+:meth:`release_port` and, when it gets the device back, :meth:`reclaim_port`.
+
+Events. A driver that is told of events by its device (interrupt endpoint, a
+simulator) sets ``events = EventSource.PUSH`` and calls ``host.emit_event`` from
+any thread; one that must ask sets ``EventSource.POLL`` and implements
+:meth:`poll_events`, which the service calls at a configured interval under the
+device lock, and never while a data-mode client or another program holds it.
+"""
+
+from __future__ import annotations
+
+import enum
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Protocol
+
+from .config import DeviceConfig
+from .errors import AccessDenied, NotSupported
+from .items import DriverItem
+
+
+class Mode(enum.Flag):
+    STATUS = 1
+    DATA = 2
+    BOTH = STATUS | DATA
+
+    @classmethod
+    def parse(cls, text: str) -> Mode:
+        try:
+            return {"status": cls.STATUS, "data": cls.DATA, "both": cls.BOTH}[text]
+        except KeyError:
+            from .errors import InvalidArgument
+
+            raise InvalidArgument(f"mode must be 'status', 'data' or 'both', not {text!r}") from None
+
+    @property
+    def label(self) -> str:
+        return {Mode.STATUS: "status", Mode.DATA: "data", Mode.BOTH: "both"}[self]
+
+
+class EventSource(enum.Enum):
+    NONE = "none"
+    PUSH = "push"
+    POLL = "poll"
+
+
+class PortPolicy(enum.Enum):
+    DEDICATED = "dedicated"  # opened in initialize(), e.g. USB
+    SHARED = "shared"  # opened in lock(), closed in unlock(), e.g. a serial line
+
+
+@dataclass(frozen=True)
+class Match:
+    """What a driver handles. Every given field must equal the device's."""
+
+    subsystem: str  # "usb", "tty", "net", "sane", "config"
+    vendor_id: int | None = None
+    product_id: int | None = None
+    interface_class: int | None = None
+
+    def matches(self, properties: dict[str, Any]) -> bool:
+        if properties.get("subsystem") != self.subsystem:
+            return False
+        for key in ("vendor_id", "product_id", "interface_class"):
+            wanted = getattr(self, key)
+            if wanted is not None and properties.get(key) != wanted:
+                return False
+        return True
+
+
+@dataclass(frozen=True)
+class DeviceInfo:
+    """What initialize() learnt about the device."""
+
+    name: str
+    vendor: str
+    model: str
+    serial: str = ""
+    kind: str = "scanner"  # or "camera"
+    capabilities: tuple[str, ...] = ()
+    event_names: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class DeviceEvent:
+    """An event as a driver reports it; the service adds sequence number and time."""
+
+    name: str
+    data: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class PageInfo:
+    """The geometry of one acquired page (see :class:`stillsvc.imaging.ImageInfo`)."""
+
+    width: int
+    height: int
+    mode: str
+    depth: int
+    resolution: int
+
+
+class Page(Protocol):
+    info: PageInfo
+
+    def bands(self) -> Iterator[bytes]:
+        """Whole rows, top to bottom, in the raw layout of ``info``."""
+        ...
+
+
+class DriverHost(Protocol):
+    """What the service offers a driver. Every method is safe to call from any thread."""
+
+    def emit_event(self, event: DeviceEvent) -> None: ...
+
+    def device_unplugged(self) -> None: ...
+
+    def device_replugged(self) -> None: ...
+
+
+class Minidriver:
+    """Base class of every minidriver. Subclasses override what their device can do."""
+
+    #: Name used in configuration files and shown to clients.
+    name: ClassVar[str] = ""
+    #: Devices this driver handles.
+    matches: ClassVar[tuple[Match, ...]] = ()
+    port_policy: ClassVar[PortPolicy] = PortPolicy.DEDICATED
+    events: ClassVar[EventSource] = EventSource.NONE
+    #: Only simulated devices expose the Simulator interface.
+    simulated: ClassVar[bool] = False
+
+    def __init__(self, config: DeviceConfig, host: DriverHost) -> None:
+        self.config = config
+        self.host = host
+        self.mode = Mode.STATUS
+        self.port = config.port
+
+    # -- device half --------------------------------------------------------
+    def initialize(self, port: str, mode: Mode) -> DeviceInfo:
+        """Prepare the device on ``port``; called once, in the mode the service opens it in."""
+        raise NotImplementedError
+
+    def shutdown(self) -> None:
+        """Close everything; the device is going away or the service is stopping."""
+
+    def lock(self) -> None:
+        """The device lock was taken: open shared ports here."""
+
+    def unlock(self) -> None:
+        """The device lock is being released: close what lock() opened."""
+
+    def release_port(self) -> None:
+        """Another program takes the device: let go of every port held since initialize()."""
+
+    def reclaim_port(self) -> None:
+        """The device is ours again after release_port()."""
+
+    def get_status(self) -> dict[str, Any]:
+        return {}
+
+    def reset(self) -> None:
+        raise NotSupported(f"{self.name}: reset is not supported")
+
+    def diagnostic(self) -> dict[str, Any]:
+        raise NotSupported(f"{self.name}: diagnostic is not supported")
+
+    def escape(self, code: int, data: bytes, mode: Mode) -> bytes:
+        raise NotSupported(f"{self.name}: escape code {code} is not supported")
+
+    def read_data(self, size: int, mode: Mode) -> bytes:
+        raise NotSupported(f"{self.name}: raw data I/O is not supported")
+
+    def write_data(self, data: bytes, mode: Mode) -> None:
+        raise NotSupported(f"{self.name}: raw data I/O is not supported")
+
+    def read_command(self, size: int, mode: Mode) -> bytes:
+        raise NotSupported(f"{self.name}: raw command I/O is not supported")
+
+    def write_command(self, data: bytes, mode: Mode) -> None:
+        raise NotSupported(f"{self.name}: raw command I/O is not supported")
+
+    def poll_events(self) -> list[DeviceEvent]:
+        """For ``EventSource.POLL`` drivers: events since the last call."""
+        return []
+
+    @staticmethod
+    def require_data(mode: Mode, what: str = "data transfer") -> None:
+        """Refuse ``what`` to a session opened in status mode only."""
+        if not mode & Mode.DATA:
+            raise AccessDenied(f"{what} needs a session opened in data mode; this one is status only")
+
+    # -- item half ----------------------------------------------------------
+    def build_item_tree(self) -> DriverItem:
+        """Build and return the driver item tree; its root represents the device."""
+        raise NotImplementedError
+
+    def validate_properties(self, item: DriverItem, values: dict[str, Any], changed: set[str]) -> dict[str, Any]:
+        """Check a client's new values for ``item`` (types and valid ranges are
+        already checked) and return the full set, with dependent properties
+        updated (for example extents when the resolution changed). No device I/O."""
+        return values
+
+    def write_properties(self, item: DriverItem, values: dict[str, Any]) -> None:
+        """Set ``values`` on the device before a transfer from ``item``."""
+
+    def acquire(
+        self, item: DriverItem, values: dict[str, Any], mode: Mode, cancel: threading.Event
+    ) -> Iterator[Page]:
+        """Yield the pages of one acquisition from ``item``; stop when ``cancel`` is set."""
+        raise NotSupported(f"{self.name}: item {item.name} cannot transfer images")
+
+    def command(self, item: DriverItem, command: str) -> None:
+        """A device command on ``item``, e.g. ``synchronize``. Item tree changes are
+        made by the service from :meth:`build_item_tree` after ``synchronize``."""
+        raise NotSupported(f"{self.name}: command {command!r} is not supported")
+
+    # -- simulator (simulated devices only) ---------------------------------
+    def simulate(self, action: str, **arguments: Any) -> Any:
+        raise NotSupported("this device is not simulated")

@@ -1,0 +1,41 @@
+"""Finding minidrivers: the ``stillsvc.drivers`` entry-point group."""
+
+from __future__ import annotations
+
+from importlib.metadata import entry_points
+
+import structlog
+
+from ..driver import Minidriver
+
+log = structlog.get_logger(__name__)
+
+GROUP = "stillsvc.drivers"
+
+
+def discover() -> dict[str, type[Minidriver]]:
+    """Every installed driver class by name. A broken plugin is logged and skipped."""
+    found: dict[str, type[Minidriver]] = {}
+    for ep in entry_points(group=GROUP):
+        try:
+            cls = ep.load()
+        except Exception as e:  # a third-party plugin must not stop the service
+            log.error("driver plugin failed to load", plugin=ep.name, error=str(e))
+            continue
+        if not (isinstance(cls, type) and issubclass(cls, Minidriver)):
+            log.error("driver plugin is not a Minidriver subclass", plugin=ep.name)
+            continue
+        found[cls.name or ep.name] = cls
+    if "sim" not in found:  # running from a source tree without installed metadata
+        from .sim import SimulatedScanner
+
+        found["sim"] = SimulatedScanner
+    return found
+
+
+def match(drivers: dict[str, type[Minidriver]], properties: dict) -> type[Minidriver] | None:
+    """The first driver (by name, for a stable choice) whose Match fits a discovered device."""
+    for name in sorted(drivers):
+        if any(m.matches(properties) for m in drivers[name].matches):
+            return drivers[name]
+    return None

@@ -1,0 +1,49 @@
+"""Every name that crosses a process boundary, in one place.
+
+Bus name, object paths, interface names and error names are relied on by tools
+outside this code (stillctl, busctl scripts, desktop applications, the D-Bus
+policy file), so they live here and nowhere else.
+"""
+
+from __future__ import annotations
+
+import re
+
+BUS_NAME = "org.stillsvc.StillImage1"
+ROOT_PATH = "/org/stillsvc/StillImage1"
+DEVICES_PATH = f"{ROOT_PATH}/devices"
+SESSIONS_PATH = f"{ROOT_PATH}/sessions"
+AGENTS_PATH = f"{ROOT_PATH}/agents"
+
+IFACE_PREFIX = BUS_NAME
+MANAGER_IFACE = f"{IFACE_PREFIX}.Manager"
+DEVICE_IFACE = f"{IFACE_PREFIX}.Device"
+SESSION_IFACE = f"{IFACE_PREFIX}.Session"
+ITEM_IFACE = f"{IFACE_PREFIX}.Item"
+SIMULATOR_IFACE = f"{IFACE_PREFIX}.Simulator"
+AGENT_IFACE = f"{IFACE_PREFIX}.Agent"
+
+ERROR_PREFIX = f"{IFACE_PREFIX}.Error"
+
+_UNSAFE = re.compile(r"[^A-Za-z0-9_]")
+
+
+def sanitise_id(device_id: str) -> str:
+    """Reduce a device id to an object path element (``[A-Za-z0-9_]``).
+
+    Characters outside the set become ``_``; an id that starts with a digit or is
+    empty is prefixed with ``_`` so the element is never empty. Different ids may
+    collide after this; the device manager refuses the second one.
+    """
+    element = _UNSAFE.sub("_", device_id)
+    if not element or element[0].isdigit():
+        element = "_" + element
+    return element
+
+
+def device_path(device_id: str) -> str:
+    return f"{DEVICES_PATH}/{sanitise_id(device_id)}"
+
+
+def session_path(number: int) -> str:
+    return f"{SESSIONS_PATH}/{number}"
