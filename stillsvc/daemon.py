@@ -99,15 +99,16 @@ async def run(args: argparse.Namespace, cfg: Config) -> int:
     manager = DeviceManager(cfg)
     service = Service(bus, manager)
     await service.start()
+    # Devices before the name, so a client that sees the name sees the devices; a
+    # device that fails or hangs while starting is logged and left out.
+    await manager.start()
     reply = await bus.request_name(BUS_NAME, NameFlag.DO_NOT_QUEUE)
     if reply not in (RequestNameReply.PRIMARY_OWNER, RequestNameReply.ALREADY_OWNER):
         print(f"stillsvc: the name {BUS_NAME} is already taken on this bus: another stillsvc is running",
               file=sys.stderr)
+        await manager.stop()
         bus.disconnect()
         return EXIT_NAME_TAKEN
-    # Devices come after the name: a device that fails to start never keeps the
-    # service off the bus.
-    await manager.start()
     log.info("service ready", bus=args.bus, unique_name=bus.unique_name, devices=len(manager.devices),
              runtime_dir=cfg.runtime_dir, version=__version__)
     notify.notify(f"READY=1\nSTATUS=Serving {len(manager.devices)} device(s)")

@@ -43,6 +43,9 @@ from .sessions import Client, EventRecord, Session
 log = structlog.get_logger(__name__)
 T = TypeVar("T")
 
+#: How long a driver may take to initialise at start before the service goes on without it.
+DEVICE_START_TIMEOUT = 15.0
+
 
 class ManagerListener(Protocol):
     """What the manager reports. Every method is optional (see :class:`Listener`)."""
@@ -469,9 +472,12 @@ class DeviceManager:
     async def start(self) -> None:
         for device_config in self.config.devices:
             try:
-                await self.add_device(device_config)
+                await asyncio.wait_for(self.add_device(device_config), DEVICE_START_TIMEOUT)
             except StillError as e:
                 log.error("device not added", device=device_config.id, error=e.message)
+            except TimeoutError:
+                log.error("device not added: its driver did not initialise in time", device=device_config.id,
+                          timeout_s=DEVICE_START_TIMEOUT)
 
     async def stop(self) -> None:
         for session in list(self.sessions.values()):

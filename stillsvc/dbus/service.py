@@ -244,8 +244,9 @@ class Service(Listener):
             uid = pid = None
             try:
                 creds = await self._dbus_call("GetConnectionCredentials", "s", [name])
-                uid = creds[0].get("UnixUserID", Variant("u", None)).value
-                pid = creds[0].get("ProcessID", Variant("u", None)).value
+                found = creds[0]
+                uid = found["UnixUserID"].value if "UnixUserID" in found else None
+                pid = found["ProcessID"].value if "ProcessID" in found else None
             except Exception as e:
                 log.debug("no credentials for client", client=name, error=str(e))
             command = None

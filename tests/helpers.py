@@ -1,0 +1,255 @@
+"""Test harness: a private dbus-daemon, the real stillsvc daemon as a subprocess, clients.
+
+Nothing here is mocked: the daemon under test is the installed ``stillsvc`` code,
+talking over a real ``dbus-daemon`` started for the test.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from dbus_fast import DBusError, Message, MessageType, Variant
+from dbus_fast.aio import MessageBus
+
+BUS_NAME = "org.stillsvc.StillImage1"
+ROOT = "/org/stillsvc/StillImage1"
+IFACE = "org.stillsvc.StillImage1"
+MANAGER = f"{IFACE}.Manager"
+DEVICE = f"{IFACE}.Device"
+SESSION = f"{IFACE}.Session"
+SIMULATOR = f"{IFACE}.Simulator"
+ITEM = f"{IFACE}.Item"
+ERROR = f"{IFACE}.Error"
+SIM0 = f"{ROOT}/devices/sim0"
+REPO = Path(__file__).resolve().parent.parent
+TIMEOUT = 10.0
+
+
+class DBusDaemon:
+    """A private bus: ``dbus-daemon --session`` (or a given config) owned by the test."""
+
+    def __init__(self, config_file: str | None = None) -> None:
+        args = ["dbus-daemon", "--nofork", "--print-address=1"]
+        args += [f"--config-file={config_file}"] if config_file else ["--session"]
+        self.proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+        assert self.proc.stdout is not None
+        self.address = self.proc.stdout.readline().strip()
+        if not self.address:
+            raise RuntimeError("dbus-daemon did not start")
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        self.proc.wait(5)
+
+
+class Daemon:
+    """The stillsvc daemon under test, its log kept in a file and shown on failure."""
+
+    def __init__(self, address: str, *extra: str, simulate: bool = True, workdir: str | None = None,
+                 env: dict[str, str] | None = None) -> None:
+        self.address = address
+        self.workdir = Path(workdir or tempfile.mkdtemp(prefix="stillsvc-test-"))
+        self.runtime_dir = self.workdir / "run"
+        self.state_dir = self.workdir / "state"
+        self.log_path = self.workdir / "daemon.log"
+        self.args = [sys.executable, "-m", "stillsvc.daemon", "--bus", address,
+                     "--runtime-dir", str(self.runtime_dir), "--state-dir", str(self.state_dir),
+                     "--log-level", "debug", "--log-format", "plain", *extra]
+        if simulate:
+            self.args.append("--simulate")
+        self.env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> subprocess.Popen[bytes]:
+        self._log = open(self.log_path, "ab")
+        self.proc = subprocess.Popen(self.args, stdout=self._log, stderr=subprocess.STDOUT, env=self.env,
+                                     cwd=str(REPO))
+        return self.proc
+
+    @property
+    def log(self) -> str:
+        try:
+            return self.log_path.read_text(errors="replace")
+        except FileNotFoundError:
+            return ""
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = TIMEOUT) -> int:
+        if self.proc is None:
+            return 0
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+        try:
+            code = self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            code = self.proc.wait()
+        self._log.close()
+        return code
+
+
+async def connect(address: str) -> MessageBus:
+    return await MessageBus(bus_address=address, negotiate_unix_fd=True).connect()
+
+
+async def wait_for_name(bus: MessageBus, name: str = BUS_NAME, timeout: float = TIMEOUT,
+                        proc: subprocess.Popen[bytes] | None = None) -> None:
+    """Wait until ``name`` has an owner: on NameOwnerChanged, not by polling with sleeps."""
+    appeared = asyncio.get_running_loop().create_future()
+
+    def handler(msg: Message) -> None:
+        if (msg.message_type is MessageType.SIGNAL and msg.member == "NameOwnerChanged"
+                and msg.body[0] == name and msg.body[2] and not appeared.done()):
+            appeared.set_result(None)
+
+    bus.add_message_handler(handler)
+    rule = f"type='signal',sender='org.freedesktop.DBus',member='NameOwnerChanged',arg0='{name}'"
+    await dbus_call(bus, "AddMatch", "s", [rule])
+    try:
+        if (await dbus_call(bus, "NameHasOwner", "s", [name]))[0]:
+            return
+        waiter = asyncio.ensure_future(appeared)
+        if proc is not None:
+            exited = asyncio.ensure_future(asyncio.to_thread(proc.wait))
+            done, _ = await asyncio.wait({waiter, exited}, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+            if exited in done:
+                raise RuntimeError(f"daemon exited with {proc.returncode} before owning {name}")
+            exited.cancel()
+        else:
+            done, _ = await asyncio.wait({waiter}, timeout=timeout)
+        if waiter not in done:
+            raise TimeoutError(f"{name} did not appear within {timeout} s")
+    finally:
+        bus.remove_message_handler(handler)
+        await dbus_call(bus, "RemoveMatch", "s", [rule])
+
+
+async def dbus_call(bus: MessageBus, member: str, signature: str = "", body: list[Any] | None = None) -> list[Any]:
+    return await call(bus, "/org/freedesktop/DBus", "org.freedesktop.DBus", member, signature, body or [],
+                      destination="org.freedesktop.DBus")
+
+
+async def call(bus: MessageBus, path: str, interface: str, member: str, signature: str = "",
+               body: list[Any] | None = None, destination: str = BUS_NAME, unix_fds: list[int] | None = None,
+               timeout: float = TIMEOUT) -> list[Any]:
+    """A method call; raises DBusError for an error reply."""
+    msg = Message(destination=destination, path=path, interface=interface, member=member, signature=signature,
+                  body=body or [], unix_fds=unix_fds or [])
+    reply = await asyncio.wait_for(bus.call(msg), timeout)
+    if reply.message_type is MessageType.ERROR:
+        raise DBusError(reply.error_name, reply.body[0] if reply.body else "")
+    return reply.body
+
+
+async def get_property(bus: MessageBus, path: str, interface: str, name: str) -> Any:
+    (variant,) = await call(bus, path, "org.freedesktop.DBus.Properties", "Get", "ss", [interface, name])
+    return variant.value
+
+
+async def get_all(bus: MessageBus, path: str, interface: str) -> dict[str, Any]:
+    (values,) = await call(bus, path, "org.freedesktop.DBus.Properties", "GetAll", "s", [interface])
+    return {k: v.value for k, v in values.items()}
+
+
+async def expect_error(name: str, coro: Any) -> DBusError:
+    """Await ``coro`` and check it fails with error ``name`` (short names get the service prefix)."""
+    full = name if "." in name else f"{ERROR}.{name}"
+    try:
+        await coro
+    except DBusError as e:
+        assert e.type == full, f"expected {full}, got {e.type}: {e.text}"
+        assert "Traceback" not in (e.text or ""), e.text
+        return e
+    raise AssertionError(f"expected {full}, but the call succeeded")
+
+
+async def create_session(bus: MessageBus, device_id: str = "sim0", mode: str = "status",
+                         **options: Variant) -> str:
+    (path,) = await call(bus, ROOT, MANAGER, "CreateDevice", "ssa{sv}", [device_id, mode, options])
+    return path
+
+
+class Signals:
+    """Records signals matching a rule on one connection; ``wait`` blocks until one arrives."""
+
+    def __init__(self, bus: MessageBus, member: str | None = None, interface: str | None = None,
+                 path: str | None = None, predicate: Callable[[Message], bool] | None = None) -> None:
+        self.bus = bus
+        self.member = member
+        self.interface = interface
+        self.path = path
+        self.predicate = predicate
+        self.received: list[Message] = []
+        self._event = asyncio.Event()
+        rule = ["type='signal'"]
+        if member:
+            rule.append(f"member='{member}'")
+        if interface:
+            rule.append(f"interface='{interface}'")
+        if path:
+            rule.append(f"path='{path}'")
+        self.rule = ",".join(rule)
+
+    async def __aenter__(self) -> Signals:
+        self.bus.add_message_handler(self._handler)
+        await dbus_call(self.bus, "AddMatch", "s", [self.rule])
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        self.bus.remove_message_handler(self._handler)
+        if self.bus.connected:
+            await dbus_call(self.bus, "RemoveMatch", "s", [self.rule])
+
+    def _handler(self, msg: Message) -> None:
+        if msg.message_type is not MessageType.SIGNAL:
+            return
+        if self.member and msg.member != self.member:
+            return
+        if self.interface and msg.interface != self.interface:
+            return
+        if self.path and msg.path != self.path:
+            return
+        if self.predicate and not self.predicate(msg):
+            return
+        self.received.append(msg)
+        self._event.set()
+
+    async def wait(self, count: int = 1, timeout: float = TIMEOUT,
+                   until: Callable[[list[Message]], bool] | None = None) -> list[Message]:
+        """Wait until ``count`` signals (or ``until(received)``) with a timeout."""
+        deadline = asyncio.get_running_loop().time() + timeout
+        done = until or (lambda received: len(received) >= count)
+        while not done(self.received):
+            self._event.clear()
+            remaining = deadline - asyncio.get_running_loop().time()
+            if remaining <= 0:
+                raise TimeoutError(f"waited {timeout} s for {self.rule}; got {len(self.received)}")
+            try:
+                await asyncio.wait_for(self._event.wait(), remaining)
+            except TimeoutError:
+                pass
+        return self.received
+
+
+async def wait_until(predicate: Callable[[], Any], timeout: float = TIMEOUT, what: str = "condition") -> Any:
+    """For state with no signal: check after each loop turn until true, with a deadline."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    delay = 0.001
+    while True:
+        result = predicate()
+        if asyncio.iscoroutine(result):
+            result = await result
+        if result:
+            return result
+        if loop.time() > deadline:
+            raise TimeoutError(f"{what} did not happen within {timeout} s")
+        await asyncio.sleep(delay)
+        delay = min(delay * 2, 0.05)
