@@ -106,6 +106,7 @@ class Device:
             describe=_describe_owner,
         )
         self.lockfile = DeviceLockFile(manager.config.runtime_dir, self.id)
+        self.lockfile.create()
         self._executor: ThreadPoolExecutor = driver._stillsvc_executor  # type: ignore[attr-defined]
 
     # -- what clients see -------------------------------------------------------

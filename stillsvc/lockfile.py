@@ -30,12 +30,21 @@ class DeviceLockFile:
         self.path = Path(runtime_dir) / "devices" / f"{sanitise_id(device_id)}.lock"
         self._fd: int | None = None
 
+    def create(self) -> None:
+        """Make the file exist (world-readable, so any program can open and flock it)."""
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        os.chmod(self.path.parent, 0o755)  # whatever the service's umask
+        fd = self._open()
+        try:
+            os.fchmod(fd, 0o644)
+        finally:
+            os.close(fd)
+
     @property
     def held(self) -> bool:
         return self._fd is not None
 
     def _open(self) -> int:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
         return os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
 
     def try_take(self) -> bool:

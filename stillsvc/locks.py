@@ -15,7 +15,7 @@ from collections import deque
 from collections.abc import Callable
 from typing import Generic, TypeVar
 
-from .errors import Busy, Failed, Timeout
+from .errors import Busy, Failed, InvalidArgument, Timeout
 
 Owner = TypeVar("Owner")
 
@@ -48,9 +48,9 @@ class FairLock(Generic[Owner]):
         """Become the holder. ``timeout`` 0 fails at once with Busy when held;
         otherwise wait in line up to ``timeout`` seconds, then Timeout."""
         if self.holder is owner:
-            raise Failed(f"{self.what} is already held by this session")
+            raise InvalidArgument(f"{self.what} is already held by this session")
         if any(o is owner for o, _ in self._waiters):
-            raise Failed(f"this session is already waiting for {self.what}")
+            raise InvalidArgument(f"this session is already waiting for {self.what}")
         if self.holder is None and not self.waiting:
             self._grant(owner)
             return
@@ -86,7 +86,7 @@ class FairLock(Generic[Owner]):
 
     def release(self, owner: Owner) -> None:
         if self.holder is not owner:
-            raise Failed(f"{self.what} is not held by this session")
+            raise InvalidArgument(f"{self.what} is not held by this session")
         self._cancel_timer()
         self.holder = None
         while self._waiters:

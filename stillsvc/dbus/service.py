@@ -24,13 +24,15 @@ from ..sessions import Client, EventRecord, Session
 from ..names import (
     BUS_NAME,
     DEVICE_IFACE,
+    IFACE_PREFIX,
     MANAGER_IFACE,
+    SESSIONS_PATH,
     ROOT_PATH,
     SESSION_IFACE,
     SIMULATOR_IFACE,
     device_path,
 )
-from .bus import ServiceBus
+from .bus import ServiceBus, error_name
 from .interfaces import DeviceInterface, ManagerInterface, SessionInterface, SimulatorInterface
 from .variants import to_vardict
 
@@ -100,6 +102,10 @@ class Service(Listener):
                 return Message.new_error(msg, "org.freedesktop.DBus.Error.UnknownMethod",
                                          f"no ObjectManager at {msg.path}; it is at {ROOT_PATH}")
             return Message.new_method_return(msg, "a{oa{sa{sv}}}", [self.managed_objects()])
+        if (msg.interface or "").startswith(IFACE_PREFIX + ".") and msg.path not in self.bus._path_exports:
+            # A closed session or a device that went away: say so in our own terms.
+            what = "session" if msg.path.startswith(SESSIONS_PATH + "/") else "object"
+            return Message.new_error(msg, error_name("NotFound"), f"no {what} at {msg.path} (closed or gone)")
         return None
 
     def managed_objects(self) -> dict[str, dict[str, dict[str, Variant]]]:
