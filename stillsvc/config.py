@@ -10,6 +10,7 @@ Example::
     max_sessions = 256            # all clients together
     max_sessions_per_client = 16
     lock_max_hold_ms = 30000      # a device lock held longer is revoked
+    io_wait_ms = 5000             # how long a call that did not lock waits for the device lock
     event_queue_length = 64       # per data-mode session
     poll_interval_ms = 1000       # for drivers that can only poll for events
 
@@ -50,6 +51,7 @@ class Limits:
     max_sessions: int = 256
     max_sessions_per_client: int = 16
     lock_max_hold_ms: int = 30_000
+    io_wait_ms: int = 5_000
     event_queue_length: int = 64
     poll_interval_ms: int = 1_000
     max_registrations_per_user: int = 32
@@ -79,6 +81,7 @@ _LIMIT_KEYS: dict[str, tuple[type, int]] = {
     "max_sessions": (int, 1),
     "max_sessions_per_client": (int, 1),
     "lock_max_hold_ms": (int, 10),
+    "io_wait_ms": (int, 0),
     "event_queue_length": (int, 1),
     "poll_interval_ms": (int, 10),
     "max_registrations_per_user": (int, 0),

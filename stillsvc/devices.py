@@ -98,12 +98,14 @@ class Device:
         self.events_undelivered = 0
         self.log = log.bind(device=self.id)
         self.data_mode: FairLock[Session] = FairLock(
-            f"device {self.id} in data mode", describe=_describe_owner)
+            f"device {self.id} in data mode", describe=_describe_owner,
+            on_queue_changed=lambda: manager._changed(self, ["DataModeWaiters"]))
         self.device_lock: FairLock[Any] = FairLock(
             f"the device lock of {self.id}",
             max_hold=manager.config.limits.lock_max_hold_ms / 1000,
             on_expired=self._lock_expired,
             describe=_describe_owner,
+            on_queue_changed=lambda: manager._changed(self, ["LockWaiters"]),
         )
         self.lockfile = DeviceLockFile(manager.config.runtime_dir, self.id)
         self.lockfile.create()
@@ -141,7 +143,7 @@ class Device:
         if session is not None and self.device_lock.holder is session:
             return await self._guarded(fn, *args)
         owner = _Internal(f"{why} for {session.describe()}" if session else why)
-        await self.lock(owner, self.manager.config.limits.lock_max_hold_ms / 1000)
+        await self.lock(owner, self.manager.config.limits.io_wait_ms / 1000)
         try:
             return await self._guarded(fn, *args)
         finally:
@@ -199,14 +201,15 @@ class Device:
     # -- handing the device to another program ---------------------------------
     async def hand_over(self, session: Session) -> int:
         """Stand back for a program outside the service: release the ports, stop
-        monitoring, and return the locked lock-file descriptor (the caller sends it
-        on and closes it). The service takes the device back when nobody holds the
-        lock file any more."""
+        monitoring, and return the locked lock-file descriptor for the client. The
+        session keeps its copy until it closes; the service takes the device back
+        when no copy is open any more (the client's, its command's, the session's)."""
         if not session.holds_data or not session.holds_lock:
             raise AccessDenied("handing the device over needs data mode and the device lock")
         await self._guarded(self.driver.unlock)
         await self._guarded(self.driver.release_port)
         fd = self.lockfile.hand_over()
+        session.keep_fd(fd)
         self.standing_back = True
         self.device_lock.release(session)
         self.log.info("standing back for another program", session=session.number, client=session.client.name)
@@ -416,6 +419,7 @@ class DeviceManager:
             await device.unlock(session)
         device.device_lock.discard(session, NotFound(f"session {session.number} is closed"))
         held_data = device.data_mode.discard(session, NotFound(f"session {session.number} is closed"))
+        session.release_fds()
         for callback in session.on_closed:
             try:
                 callback(session)

@@ -28,11 +28,13 @@ class FairLock(Generic[Owner]):
         max_hold: float | None = None,
         on_expired: Callable[[Owner], None] | None = None,
         describe: Callable[[Owner], str] = str,
+        on_queue_changed: Callable[[], None] | None = None,
     ) -> None:
         self.what = what
         self.max_hold = max_hold
         self.on_expired = on_expired
         self.describe = describe
+        self.on_queue_changed = on_queue_changed
         self.holder: Owner | None = None
         self._waiters: deque[tuple[Owner, asyncio.Future[None]]] = deque()
         self._revoke_timer: asyncio.TimerHandle | None = None
@@ -60,6 +62,7 @@ class FairLock(Generic[Owner]):
         fut: asyncio.Future[None] = loop.create_future()
         entry = (owner, fut)
         self._waiters.append(entry)
+        self._queue_changed()
         holder = self.holder
 
         def expire() -> None:
@@ -83,6 +86,7 @@ class FairLock(Generic[Owner]):
                 self._waiters.remove(entry)
             except ValueError:
                 pass
+            self._queue_changed()
 
     def release(self, owner: Owner) -> None:
         if self.holder is not owner:
@@ -106,6 +110,10 @@ class FairLock(Generic[Owner]):
             self.release(owner)
             return True
         return False
+
+    def _queue_changed(self) -> None:
+        if self.on_queue_changed is not None:
+            self.on_queue_changed()
 
     def _grant(self, owner: Owner) -> None:
         self.holder = owner

@@ -9,6 +9,7 @@ the device's :class:`~stillsvc.locks.FairLock` objects, so that closing the sess
 from __future__ import annotations
 
 import itertools
+import os
 import time
 from collections import deque
 from dataclasses import dataclass, field
@@ -72,6 +73,7 @@ class Session:
         self.on_lock_revoked: list = []
         self.on_event: list = []
         self.on_closed: list = []
+        self._fds: list[int] = []
 
     def __repr__(self) -> str:
         return f"<Session {self.number} {self.device_id} {self.mode.label} {self.client.name}>"
@@ -97,6 +99,18 @@ class Session:
     @property
     def holds_lock(self) -> bool:
         return self.device.device_lock.holder is self
+
+    def keep_fd(self, fd: int) -> None:
+        """Hold ``fd`` open for as long as the session lives."""
+        self._fds.append(fd)
+
+    def release_fds(self) -> None:
+        fds, self._fds = self._fds, []
+        for fd in fds:
+            try:
+                os.close(fd)
+            except OSError:
+                pass
 
     # -- events -----------------------------------------------------------------
     def queue_event(self, record: EventRecord) -> int:

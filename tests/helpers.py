@@ -12,6 +12,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -117,7 +118,7 @@ async def wait_for_name(bus: MessageBus, name: str = BUS_NAME, timeout: float = 
             return
         waiter = asyncio.ensure_future(appeared)
         if proc is not None:
-            exited = asyncio.ensure_future(asyncio.to_thread(proc.wait))
+            exited = process_exit(proc)
             done, _ = await asyncio.wait({waiter, exited}, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
             if exited in done:
                 raise RuntimeError(f"daemon exited with {proc.returncode} before owning {name}")
@@ -129,6 +130,20 @@ async def wait_for_name(bus: MessageBus, name: str = BUS_NAME, timeout: float = 
     finally:
         bus.remove_message_handler(handler)
         await dbus_call(bus, "RemoveMatch", "s", [rule])
+
+
+def process_exit(proc: subprocess.Popen[bytes]) -> asyncio.Future[int]:
+    """A future for a Popen's exit, from a daemon thread (so no executor is held up)."""
+    loop = asyncio.get_running_loop()
+    future: asyncio.Future[int] = loop.create_future()
+
+    def wait() -> None:
+        code = proc.wait()
+        if not loop.is_closed():
+            loop.call_soon_threadsafe(lambda: future.done() or future.set_result(code))
+
+    threading.Thread(target=wait, daemon=True).start()
+    return future
 
 
 async def dbus_call(bus: MessageBus, member: str, signature: str = "", body: list[Any] | None = None) -> list[Any]:

@@ -43,6 +43,13 @@ async def close(bus, session: str):
     return await call(bus, session, SESSION, "Close")
 
 
+async def wait_for_property(bus, name: str, value) -> None:
+    async def check() -> bool:
+        return await get_property(bus, SIM0, DEVICE, name) == value
+
+    await wait_until(check, what=f"{name} == {value}")
+
+
 # -- modes -----------------------------------------------------------------------
 
 async def test_many_status_sessions_one_data_session(client, client2):
@@ -71,8 +78,9 @@ async def test_data_mode_waiters_are_served_in_order_and_time_out(daemon, client
             return path
 
         first = asyncio.ensure_future(wait_for_data(0))
-        await asyncio.sleep(0)  # the first call goes out before the second
+        await wait_for_property(client, "DataModeWaiters", 1)  # queued before the second asks
         second = asyncio.ensure_future(wait_for_data(1))
+        await wait_for_property(client, "DataModeWaiters", 2)
         e = await expect_error("Timeout", create_session(others[2], mode="data", **wait_ms(100)))
         assert "100 ms" in e.text
         assert not first.done() and not second.done()
@@ -126,8 +134,9 @@ async def test_lock_waiters_fifo_and_timeout(daemon, client):
             order.append(i)
 
         first = asyncio.ensure_future(take(0))
-        await asyncio.sleep(0)
+        await wait_for_property(client, "LockWaiters", 1)  # queued before the second asks
         second = asyncio.ensure_future(take(1))
+        await wait_for_property(client, "LockWaiters", 2)
         await expect_error("Timeout", lock(others[2], sessions[2], 50))
         # A status read by a client that did not lock waits its turn too: it must not
         # get the device while another session holds the lock.
@@ -279,3 +288,15 @@ async def test_service_holds_the_lock_file_while_it_holds_the_device(client):
     assert subprocess.run(["flock", "-n", lock_file, "true"]).returncode == 1
     await unlock(client, session)
     assert subprocess.run(["flock", "-n", lock_file, "true"]).returncode == 0
+
+
+@pytest.mark.daemon_args("--config", "tests/data/short-io-wait.toml")
+async def test_io_without_the_lock_gives_up_after_io_wait(client, client2):
+    holder = await create_session(client, mode="status")
+    await lock(client, holder)
+    other = await create_session(client2, mode="status")
+    e = await expect_error("Timeout", call(client2, other, SESSION, "GetStatus"))
+    assert "200 ms" in e.text and client.unique_name in e.text
+    await unlock(client, holder)
+    (status,) = await call(client2, other, SESSION, "GetStatus")
+    assert status["online"].value is True

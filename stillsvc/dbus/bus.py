@@ -129,6 +129,8 @@ class ServiceBus(MessageBus):
 
     def __init__(self, bus_address: str | None = None, **kwargs: Any) -> None:
         super().__init__(bus_address=bus_address, negotiate_unix_fd=True, **kwargs)
+        #: The one path that answers ObjectManager calls (see Service).
+        self.object_manager_path = "/"
         self.add_message_handler(self._remember_caller)
 
     @staticmethod
@@ -151,6 +153,13 @@ class ServiceBus(MessageBus):
 
     def _emit_interface_removed(self, path: str, removed_interfaces: list[str]) -> None:
         return None
+
+    def _introspect_export_path(self, path: str) -> Any:
+        # The library lists ObjectManager on every object; only the root is one.
+        node = super()._introspect_export_path(path)
+        if path != self.object_manager_path:
+            node.interfaces = [i for i in node.interfaces if i.name != "org.freedesktop.DBus.ObjectManager"]
+        return node
 
     def unicast_signal(self, destination: str, path: str, interface: str, member: str,
                        signature: str, body: list[Any]) -> None:

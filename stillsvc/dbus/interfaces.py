@@ -80,7 +80,7 @@ class ManagerInterface(ServiceInterface):
         self.service.unwatch_events(caller())
 
     @signal()
-    def EventRouted(self) -> "osttsa{sv}":  # pragma: no cover - sent with unicast_signal
+    def EventRouted(self) -> "ostxsa{sv}":  # pragma: no cover - sent with unicast_signal
         raise NotImplementedError
 
 
@@ -107,6 +107,8 @@ class DeviceInterface(ServiceInterface):
             "EventNames": Variant("as", list(d.info.event_names)),
             "DataModeHeld": Variant("b", holder is not None),
             "DataModeHolder": Variant("s", holder.client.describe() if holder else ""),
+            "DataModeWaiters": Variant("u", len(d.data_mode.waiting)),
+            "LockWaiters": Variant("u", len(d.device_lock.waiting)),
             "LockFile": Variant("s", str(d.lockfile.path)),
             "Simulated": Variant("b", d.driver.simulated),
         }
@@ -172,6 +174,14 @@ class DeviceInterface(ServiceInterface):
         return holder.client.describe() if holder else ""
 
     @dbus_property(access=PropertyAccess.READ)
+    def DataModeWaiters(self) -> "u":
+        return len(self.device.data_mode.waiting)
+
+    @dbus_property(access=PropertyAccess.READ)
+    def LockWaiters(self) -> "u":
+        return len(self.device.device_lock.waiting)
+
+    @dbus_property(access=PropertyAccess.READ)
     def LockFile(self) -> "s":
         return str(self.device.lockfile.path)
 
@@ -186,6 +196,13 @@ class SessionInterface(ServiceInterface):
         self.service = service
         self.session = session
         self.path = session_path(session.number)
+
+    def changed(self, values: dict[str, Any]) -> None:
+        """PropertiesChanged for the session's owner only: sessions are private."""
+        body = {name: Variant(sig, values[name]) for name, sig in (
+            ("HoldsLock", "b"), ("Subscribed", "b")) if name in values}
+        self.service.bus.unicast_signal(self.session.client.name, self.path, "org.freedesktop.DBus.Properties",
+                                        "PropertiesChanged", "sa{sv}as", [SESSION_IFACE, body, []])
 
     def _mine(self) -> Session:
         """The session, after checking that the caller owns it and it is open."""
@@ -231,7 +248,7 @@ class SessionInterface(ServiceInterface):
         if timeout_ms > MAX_WAIT_MS:
             raise InvalidArgument(f"timeout_ms must be at most {MAX_WAIT_MS}")
         await session.device.lock(session, timeout_ms / 1000)
-        self.emit_properties_changed({"HoldsLock": True})
+        self.changed({"HoldsLock": True})
 
     @method()
     async def UnlockDevice(self):
@@ -239,7 +256,7 @@ class SessionInterface(ServiceInterface):
         if not session.holds_lock:
             raise InvalidArgument("this session does not hold the device lock")
         await session.device.unlock(session)
-        self.emit_properties_changed({"HoldsLock": False})
+        self.changed({"HoldsLock": False})
 
     @method()
     async def GetStatus(self) -> "a{sv}":
@@ -298,13 +315,13 @@ class SessionInterface(ServiceInterface):
     def Subscribe(self):
         session = self._mine()
         session.subscribed = True
-        self.emit_properties_changed({"Subscribed": True})
+        self.changed({"Subscribed": True})
 
     @method()
     def Unsubscribe(self):
         session = self._mine()
         session.subscribed = False
-        self.emit_properties_changed({"Subscribed": False})
+        self.changed({"Subscribed": False})
 
     @method()
     def GetLastNotificationData(self) -> "a{sv}":
@@ -327,9 +344,9 @@ class SessionInterface(ServiceInterface):
     async def HandOver(self) -> "h":
         session = self._mine()
         fd = await session.device.hand_over(session)
-        self.emit_properties_changed({"HoldsLock": False})
-        # dbus-fast sends a dup of the descriptor; ours is closed once it is queued.
-        self.service.close_after_reply(fd)
+        self.changed({"HoldsLock": False})
+        # The reply is sent from this descriptor, whenever the socket has room; the
+        # session keeps it (and so the lock) until it is closed.
         return fd
 
     @method()

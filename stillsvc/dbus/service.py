@@ -17,9 +17,9 @@ from typing import Any
 
 import structlog
 from dbus_fast import Message, MessageType, Variant
-from dbus_fast.service import ServiceInterface, method as plain_method, signal
 
 from ..devices import Device, DeviceManager, Listener
+from ..errors import AccessDenied
 from ..sessions import Client, EventRecord, Session
 from ..names import (
     BUS_NAME,
@@ -39,28 +39,16 @@ from .variants import to_vardict
 log = structlog.get_logger(__name__)
 
 OBJECT_MANAGER_IFACE = "org.freedesktop.DBus.ObjectManager"
+PROPERTIES_IFACE = "org.freedesktop.DBus.Properties"
 DBUS_NAME = "org.freedesktop.DBus"
 DBUS_PATH = "/org/freedesktop/DBus"
 
 
-class ObjectManagerInterface(ServiceInterface):
-    """Present in introspection only: calls are answered by :meth:`Service._handle`,
-    which runs before the library's own (path-blind) ObjectManager handler."""
-
-    def __init__(self) -> None:
-        super().__init__(OBJECT_MANAGER_IFACE)
-
-    @plain_method()
-    def GetManagedObjects(self) -> "a{oa{sa{sv}}}":  # pragma: no cover
-        return {}
-
-    @signal()
-    def InterfacesAdded(self) -> "oa{sa{sv}}":  # pragma: no cover
-        raise NotImplementedError
-
-    @signal()
-    def InterfacesRemoved(self) -> "oas":  # pragma: no cover
-        raise NotImplementedError
+def _session_number(path: str) -> int:
+    try:
+        return int(path.rsplit("/", 1)[1])
+    except ValueError:
+        return -1
 
 
 class Service(Listener):
@@ -74,13 +62,12 @@ class Service(Listener):
         self.clients: dict[str, Client] = {}
         self._client_lookups: dict[str, asyncio.Future[Client]] = {}
         self.event_watchers: set[str] = set()
-        self._fds_to_close: list[int] = []
 
     # -- start and stop -----------------------------------------------------------
     async def start(self) -> None:
         self.bus.add_message_handler(self._handle)
+        self.bus.object_manager_path = ROOT_PATH
         self.bus.export(ROOT_PATH, self.manager_iface)
-        self.bus.export(ROOT_PATH, ObjectManagerInterface())
         self.manager.listeners.append(self)
         for device in self.manager.devices.values():
             self.device_added(device)
@@ -97,6 +84,12 @@ class Service(Listener):
             return None
         if msg.message_type is not MessageType.METHOD_CALL:
             return None
+        if msg.path.startswith(SESSIONS_PATH + "/") and msg.interface == PROPERTIES_IFACE:
+            # Sessions are private: the library's Properties handler knows no owners.
+            iface = self.session_ifaces.get(_session_number(msg.path))
+            if iface is not None and msg.sender != iface.session.client.name:
+                return Message.new_error(msg, error_name("AccessDenied"),
+                                         f"session {iface.session.number} belongs to another client")
         if msg.interface == OBJECT_MANAGER_IFACE and msg.member == "GetManagedObjects":
             if msg.path != ROOT_PATH or msg.signature != "":
                 return Message.new_error(msg, "org.freedesktop.DBus.Error.UnknownMethod",
@@ -121,24 +114,6 @@ class Service(Listener):
         if device_id in self.simulator_ifaces:
             interfaces[SIMULATOR_IFACE] = self.simulator_ifaces[device_id].snapshot()
         return interfaces
-
-    def close_after_reply(self, fd: int) -> None:
-        """Close ``fd`` once the reply carrying it has left for the bus (the library
-        sends descriptors from the caller's copy, whenever the socket has room)."""
-        self._fds_to_close.append(fd)
-        self.manager.loop.call_soon(self._close_sent_fds)
-
-    def _close_sent_fds(self) -> None:
-        writer = getattr(self.bus, "_writer", None)
-        if writer is not None and (writer.buf is not None or writer.messages) and self.bus.connected:
-            self.manager.loop.call_later(0.01, self._close_sent_fds)
-            return
-        fds, self._fds_to_close = self._fds_to_close, []
-        for fd in fds:
-            try:
-                os.close(fd)
-            except OSError:
-                pass
 
     # -- devices --------------------------------------------------------------------
     def device_added(self, device: Device) -> None:
@@ -203,7 +178,7 @@ class Service(Listener):
             return
         reason = f"held longer than {self.manager.limits.lock_max_hold_ms} ms"
         self.bus.unicast_signal(session.client.name, iface.path, SESSION_IFACE, "LockRevoked", "s", [reason])
-        iface.emit_properties_changed({"HoldsLock": False})
+        iface.changed({"HoldsLock": False})
 
     def _event_queued(self, session: Session, record: EventRecord) -> None:
         iface = self.session_ifaces.get(session.number)
@@ -215,7 +190,9 @@ class Service(Listener):
     async def watch_events(self, name: str | None) -> None:
         if name is None:
             return
-        await self.client(name)
+        client = await self.client(name)
+        if client.uid not in (0, os.getuid()):
+            raise AccessDenied("watching event routing is for administrators")
         self.event_watchers.add(name)
 
     def unwatch_events(self, name: str | None) -> None:
@@ -225,7 +202,7 @@ class Service(Listener):
         body = [device_path(device.id), record.name, record.sequence, int(record.timestamp * 1_000_000), consumer,
                 to_vardict(record.data)]
         for watcher in list(self.event_watchers):
-            self.bus.unicast_signal(watcher, ROOT_PATH, MANAGER_IFACE, "EventRouted", "osttsa{sv}", body)
+            self.bus.unicast_signal(watcher, ROOT_PATH, MANAGER_IFACE, "EventRouted", "ostxsa{sv}", body)
 
     # -- clients ---------------------------------------------------------------------
     async def client(self, name: str | None) -> Client:
