@@ -35,6 +35,8 @@ from .errors import (
     NotSupported,
     StillError,
 )
+from .items import AppItem, DriverItem, attach_new_items, build_app_tree, check_dependent, check_writes, \
+    synchronize_tree
 from .locks import FairLock
 from .lockfile import DeviceLockFile
 from .names import sanitise_id
@@ -55,6 +57,7 @@ class ManagerListener(Protocol):
     def device_changed(self, device: Device, names: list[str]) -> None: ...
     def session_closed(self, session: Session) -> None: ...
     def event_routed(self, device: Device, record: EventRecord, consumer: str) -> None: ...
+    def items_changed(self, device: Device) -> None: ...
 
 
 class Listener:
@@ -65,6 +68,7 @@ class Listener:
     def device_changed(self, device: Device, names: list[str]) -> None: ...
     def session_closed(self, session: Session) -> None: ...
     def event_routed(self, device: Device, record: EventRecord, consumer: str) -> None: ...
+    def items_changed(self, device: Device) -> None: ...
 
 
 class _Internal:
@@ -109,6 +113,10 @@ class Device:
         )
         self.lockfile = DeviceLockFile(manager.config.runtime_dir, self.id)
         self.lockfile.create()
+        #: The driver item tree (root = the device), and every driver item that is
+        #: still alive: in the tree, or out of it but linked by application items.
+        self.tree: DriverItem | None = None
+        self.live_items: list[DriverItem] = []
         self._executor: ThreadPoolExecutor = driver._stillsvc_executor  # type: ignore[attr-defined]
 
     # -- what clients see -------------------------------------------------------
@@ -160,9 +168,9 @@ class Device:
             raise Failed(f"the {self.driver.name} driver failed: {type(e).__name__}") from e
 
     # -- the device lock ----------------------------------------------------------
-    async def lock(self, owner: Any, timeout: float) -> None:
+    async def lock(self, owner: Any, timeout: float, limited: bool = True) -> None:
         self.check_usable()
-        await self.device_lock.acquire(owner, timeout)
+        await self.device_lock.acquire(owner, timeout, limited)
         try:
             self.check_usable()
             if not self.lockfile.try_take():
@@ -230,6 +238,68 @@ class Device:
         self.log.info("device is back from another program")
         self.manager._changed(self, ["State"])
 
+    # -- the item tree ------------------------------------------------------------
+    def adopt_tree(self, root: DriverItem) -> None:
+        self.tree = root
+        for item in root.walk():
+            self._track(item)
+
+    def _track(self, item: DriverItem) -> None:
+        self.live_items.append(item)
+        item.on_destroyed = self._item_destroyed
+
+    def _item_destroyed(self, item: DriverItem) -> None:
+        if item in self.live_items:
+            self.live_items.remove(item)
+        self.log.debug("driver item destroyed", item=item.path)
+
+    def item_report(self) -> list[dict[str, Any]]:
+        """The diagnostic view: every live driver item with its reference count."""
+        return [{"path": i.path, "kind": i.kind, "refcount": i.refcount, "removed": i.removed}
+                for i in self.live_items]
+
+    async def write_item_properties(self, app: AppItem, writes: dict[str, Any]) -> list[str]:
+        """Validate ``writes`` with the minidriver and store them in the application
+        item's own copy (no device I/O). Returns the names whose values changed."""
+        app.check_device_access()
+        driver = self.driver
+        dependent = set(driver.valid_values(app.driver_item, app.values))
+        checked = check_writes(app, writes, dependent)
+        merged = {**app.values, **checked}
+        try:
+            result = driver.validate_properties(app.driver_item, merged, set(checked), dict(app.values))
+        except StillError:
+            raise
+        except Exception as e:
+            self.log.error("driver failed validating properties", exc_info=e)
+            raise Failed(f"the {driver.name} driver failed validating properties: {type(e).__name__}") from e
+        check_dependent(result, driver.valid_values(app.driver_item, result))
+        changed = [name for name in result if result[name] != app.values.get(name)]
+        app.values = {name: result[name] for name in app.specs}
+        return changed
+
+    async def synchronize(self, session: Session | None) -> tuple[list[DriverItem], list[DriverItem]]:
+        """Rebuild the driver tree from the device; removed items follow the tree rules."""
+        if self.tree is None or self.tree.removed:
+            raise Disconnected(f"device {self.id} has no item tree")
+        root = self.tree
+
+        def rebuild() -> DriverItem:
+            self.driver.command(root, "synchronize")
+            return self.driver.build_item_tree()
+
+        fresh = await self.io(session, rebuild, why="synchronize")
+        added, removed = synchronize_tree(root, fresh)
+        for item in added:
+            self._track(item)
+        for s in list(self.sessions):
+            if s.root_item is not None:
+                attach_new_items(s.root_item, added)
+        if added or removed:
+            self.log.info("item tree synchronized", added=[i.path for i in added], removed=[i.path for i in removed])
+            self.manager._notify("items_changed", self)
+        return added, removed
+
     # -- events -----------------------------------------------------------------
     def record_event(self, event: DeviceEvent) -> EventRecord:
         self.event_sequence += 1
@@ -281,6 +351,8 @@ class DeviceManager:
         #: monitor sets it); returns a description of the consumer.
         self.launcher: Callable[[Device, EventRecord], str] | None = None
         self._pending: dict[str, int] = {}
+        #: Devices that went away while application items still linked their items.
+        self.departed: dict[str, list[Device]] = {}
         self._tasks: set[asyncio.Task[Any]] = set()
         self.loop = asyncio.get_running_loop()
 
@@ -327,6 +399,11 @@ class DeviceManager:
             log.error("device failed to initialise", device=config.id, driver=config.driver, error=str(e))
             raise Failed(f"device {config.id} failed to initialise: {e}") from e
         device = Device(self, config, driver, info)
+        try:
+            device.adopt_tree(await loop.run_in_executor(executor, driver.build_item_tree))
+        except Exception as e:
+            device.log.error("driver could not build its item tree", error=str(e))
+            raise Failed(f"device {config.id} failed to build its item tree: {e}") from e
         self.devices[config.id] = device
         if driver.simulated:
             self.simulators[config.id] = driver
@@ -346,10 +423,17 @@ class DeviceManager:
         if device is None:
             return
         device.disconnected = True
+        for session in list(device.sessions):
+            for transfer in list(session.transfers):
+                transfer.stop("the device was disconnected")
+        if device.tree is not None:
+            device.tree.remove()  # -1 for every item; linked ones live on, marked
         for fair in (device.data_mode, device.device_lock):
             for waiter in fair.waiting:
                 fair.discard(waiter, Disconnected(f"device {device_id} has been disconnected"))
         device.lockfile.close()
+        if device.live_items:
+            self.departed.setdefault(device_id, []).append(device)
         device.log.info("device removed")
         self._notify("device_removed", device)
         if keep_driver:
@@ -374,6 +458,21 @@ class DeviceManager:
             raise NotFound(f"device {device_id!r} is not unplugged")
         config, driver = entry
         return await self.add_device(config, driver)
+
+    def item_report(self, device_id: str) -> list[dict[str, Any]]:
+        """Every live driver item of ``device_id``: the present device's tree and
+        what is left of earlier ones (unplugged, still linked by application items)."""
+        report: list[dict[str, Any]] = []
+        earlier = [d for d in self.departed.get(device_id, []) if d.live_items]
+        self.departed[device_id] = earlier
+        for generation, device in enumerate(earlier):
+            report += [{**entry, "present": False, "generation": generation} for entry in device.item_report()]
+        present = self.devices.get(device_id)
+        if present is not None:
+            report += [{**entry, "present": True, "generation": len(earlier)} for entry in present.item_report()]
+        elif not earlier:
+            raise NotFound(f"no device {device_id!r}")
+        return report
 
     # -- sessions ---------------------------------------------------------------
     def sessions_of(self, client_name: str) -> list[Session]:
@@ -401,6 +500,8 @@ class DeviceManager:
             if device.data_mode.holder is session:
                 device.data_mode.release(session)
             raise Disconnected(f"device {device_id} has been disconnected")
+        if device.tree is not None:
+            session.root_item = build_app_tree(device.tree)
         self.sessions[session.number] = session
         device.sessions.add(session)
         log.info("session opened", device=device_id, session=session.number, client=client.name, mode=mode.label)
@@ -415,11 +516,15 @@ class DeviceManager:
         self.sessions.pop(session.number, None)
         device = session.device
         device.sessions.discard(session)
+        for transfer in list(session.transfers):
+            transfer.stop("the session was closed")
         if device.device_lock.holder is session:
             await device.unlock(session)
         device.device_lock.discard(session, NotFound(f"session {session.number} is closed"))
         held_data = device.data_mode.discard(session, NotFound(f"session {session.number} is closed"))
         session.release_fds()
+        if session.root_item is not None:
+            session.root_item.release()  # -1 on each linked driver item; at 0 it is destroyed
         for callback in session.on_closed:
             try:
                 callback(session)

@@ -43,7 +43,7 @@ from typing import Any, ClassVar, Protocol
 
 from .config import DeviceConfig
 from .errors import AccessDenied, NotSupported
-from .items import DriverItem
+from .items import DriverItem, Valid
 
 
 class Mode(enum.Flag):
@@ -222,10 +222,18 @@ class Minidriver:
         """Build and return the driver item tree; its root represents the device."""
         raise NotImplementedError
 
-    def validate_properties(self, item: DriverItem, values: dict[str, Any], changed: set[str]) -> dict[str, Any]:
-        """Check a client's new values for ``item`` (types and valid ranges are
-        already checked) and return the full set, with dependent properties
-        updated (for example extents when the resolution changed). No device I/O."""
+    def valid_values(self, item: DriverItem, values: dict[str, Any]) -> dict[str, Valid]:
+        """Valid values that depend on other properties (for example the largest
+        extent at the current resolution), overriding the specs' static ones."""
+        return {}
+
+    def validate_properties(
+        self, item: DriverItem, values: dict[str, Any], changed: set[str], previous: dict[str, Any]
+    ) -> dict[str, Any]:
+        """Check a client's new values for ``item`` (``values``: the full set with the
+        writes applied; types and valid values are already checked) and return the
+        full set with dependent properties updated (for example extents when the
+        resolution changed). Runs on the service's event loop: no device I/O."""
         return values
 
     def write_properties(self, item: DriverItem, values: dict[str, Any]) -> None:

@@ -238,3 +238,144 @@ class PropertyDump:
     spec: PropertySpec
     value: Any
     extra: dict[str, Any] = field(default_factory=dict)
+
+
+class AppItem:
+    """A client's application item: linked to one driver item, with its own properties.
+
+    Writing changes this copy only; the values reach the device when a transfer
+    from this item starts. After the driver item left the tree (unplug, deletion,
+    synchronize) the properties can still be read, while every operation that
+    needs the device fails with ``Disconnected``.
+    """
+
+    def __init__(self, driver_item: DriverItem, parent: AppItem | None = None) -> None:
+        driver_item.link()
+        self.driver_item = driver_item
+        self.parent = parent
+        self.name = driver_item.name
+        self.kind = driver_item.kind
+        self.path = driver_item.path
+        self.specs = dict(driver_item.specs)
+        self.values = dict(driver_item.values)
+        self.children: list[AppItem] = []
+        self.released = False
+
+    @property
+    def connected(self) -> bool:
+        return not (self.released or self.driver_item.removed or self.driver_item.destroyed)
+
+    def walk(self) -> Iterator[AppItem]:
+        yield self
+        for child in self.children:
+            yield from child.walk()
+
+    def release(self) -> None:
+        """Sever the link (and the children's): the driver item's count drops by one each."""
+        for child in self.children:
+            child.release()
+        if not self.released:
+            self.released = True
+            self.driver_item.unlink()
+
+    def check_device_access(self) -> None:
+        if self.released:
+            raise Disconnected(f"item {self.path} has been released")
+        self.driver_item.check_device_access()
+
+
+def build_app_tree(driver_root: DriverItem) -> AppItem:
+    """Application items for every live driver item under ``driver_root``."""
+
+    def build(item: DriverItem, parent: AppItem | None) -> AppItem:
+        app = AppItem(item, parent)
+        app.children = [build(child, app) for child in item.children if not child.removed]
+        return app
+
+    return build(driver_root, None)
+
+
+def attach_new_items(app_root: AppItem, added: list[DriverItem]) -> list[AppItem]:
+    """Give a session application items for driver items that synchronize added."""
+    by_path = {app.path: app for app in app_root.walk()}
+    created: list[AppItem] = []
+    for item in added:  # parents come before their children
+        parent = by_path.get(item.parent.path) if item.parent else None
+        if parent is None or item.path in by_path:
+            continue
+        app = AppItem(item, parent)
+        parent.children.append(app)
+        by_path[app.path] = app
+        created.append(app)
+    return created
+
+
+def synchronize_tree(old_root: DriverItem, new_root: DriverItem) -> tuple[list[DriverItem], list[DriverItem]]:
+    """Bring the tree under ``old_root`` in line with a freshly built ``new_root``.
+
+    Items whose path is in both trees stay (with their links); items only in the old
+    tree are removed (-1, marked); items only in the new tree are added (+1).
+    Returns (added, removed). ``new_root`` itself is discarded.
+    """
+    added: list[DriverItem] = []
+    removed: list[DriverItem] = []
+
+    def merge(old: DriverItem, new: DriverItem) -> None:
+        new_by_name = {child.name: child for child in new.children}
+        for child in list(old.children):
+            replacement = new_by_name.pop(child.name, None)
+            if replacement is None:
+                removed.extend(i for i in child.walk())
+                child.remove()
+            else:
+                merge(child, replacement)
+        for child in new_by_name.values():
+            child.parent = None
+            new.children.remove(child)
+            _detach_counts(child)
+            old.add_child(child)
+            for sub in child.walk():
+                added.append(sub)
+
+    merge(old_root, new_root)
+    return added, removed
+
+
+def _detach_counts(item: DriverItem) -> None:
+    """A subtree moved from a scratch tree into the live one: its tree counts move with it.
+    (Children keep their +1 from the scratch tree; the subtree root gets its +1 anew.)"""
+    item.refcount -= 1
+
+
+def check_writes(app: AppItem, writes: Mapping[str, Any], dependent: set[str]) -> dict[str, Any]:
+    """Check a client's writes against the item's specs: known, writable, right type,
+    and valid — except for ``dependent`` properties, whose valid values depend on
+    others and are checked on the final values (:func:`check_dependent`).
+    Returns the checked values; raises InvalidArgument naming the property."""
+    checked: dict[str, Any] = {}
+    for name, value in writes.items():
+        spec = app.specs.get(name)
+        if spec is None:
+            known = ", ".join(sorted(app.specs))
+            raise InvalidArgument(f"item {app.name} has no property {name!r} (properties: {known})")
+        if spec.access is Access.READ:
+            raise InvalidArgument(f"property {name} of item {app.name} is read-only")
+        checked[name] = spec.check_type(value) if name in dependent else spec.check(value)
+    return checked
+
+
+def check_dependent(values: Mapping[str, Any], valid: Mapping[str, Valid]) -> None:
+    for name, allowed in valid.items():
+        if allowed is not None and name in values and not allowed.check(values[name]):
+            raise InvalidArgument(f"invalid value {values[name]!r} for property {name}: "
+                                  f"valid is {allowed.describe()}")
+
+
+def describe_property(spec: PropertySpec, valid: Valid) -> dict[str, Any]:
+    """A property's attributes as plain values: type, access, valid values, description."""
+    info: dict[str, Any] = {"type": spec.signature, "access": spec.access.value, "description": spec.description}
+    if valid is not None:
+        info["valid"] = valid.as_dict()
+    else:
+        info["valid"] = {"kind": "none"}
+    return info

@@ -36,31 +36,33 @@ class FairLock(Generic[Owner]):
         self.describe = describe
         self.on_queue_changed = on_queue_changed
         self.holder: Owner | None = None
-        self._waiters: deque[tuple[Owner, asyncio.Future[None]]] = deque()
+        self._waiters: deque[tuple[Owner, asyncio.Future[None], bool]] = deque()
         self._revoke_timer: asyncio.TimerHandle | None = None
 
     @property
     def waiting(self) -> list[Owner]:
-        return [owner for owner, fut in self._waiters if not fut.done()]
+        return [owner for owner, fut, _ in self._waiters if not fut.done()]
 
     def busy_error(self, owner: Owner | None = None) -> Busy:
         return Busy(f"{self.what} is held by {self.describe(self.holder)}")  # type: ignore[arg-type]
 
-    async def acquire(self, owner: Owner, timeout: float = 0.0) -> None:
+    async def acquire(self, owner: Owner, timeout: float = 0.0, limited: bool = True) -> None:
         """Become the holder. ``timeout`` 0 fails at once with Busy when held;
-        otherwise wait in line up to ``timeout`` seconds, then Timeout."""
+        otherwise wait in line up to ``timeout`` seconds, then Timeout.
+        ``limited=False``: no maximum hold time (for work the service itself
+        watches, such as a running transfer, which can be cancelled instead)."""
         if self.holder is owner:
             raise InvalidArgument(f"{self.what} is already held by this session")
-        if any(o is owner for o, _ in self._waiters):
+        if any(o is owner for o, _, _ in self._waiters):
             raise InvalidArgument(f"this session is already waiting for {self.what}")
         if self.holder is None and not self.waiting:
-            self._grant(owner)
+            self._grant(owner, limited)
             return
         if timeout <= 0:
             raise self.busy_error(owner)
         loop = asyncio.get_running_loop()
         fut: asyncio.Future[None] = loop.create_future()
-        entry = (owner, fut)
+        entry = (owner, fut, limited)
         self._waiters.append(entry)
         self._queue_changed()
         holder = self.holder
@@ -94,16 +96,16 @@ class FairLock(Generic[Owner]):
         self._cancel_timer()
         self.holder = None
         while self._waiters:
-            next_owner, fut = self._waiters.popleft()
+            next_owner, fut, limited = self._waiters.popleft()
             if not fut.done():
-                self._grant(next_owner)
+                self._grant(next_owner, limited)
                 fut.set_result(None)
                 return
 
     def discard(self, owner: Owner, error: Exception | None = None) -> bool:
         """Forget ``owner`` entirely: release if it holds, fail its wait if it waits.
         Returns whether it held the lock."""
-        for o, fut in list(self._waiters):
+        for o, fut, _ in list(self._waiters):
             if o is owner and not fut.done():
                 fut.set_exception(error or Failed(f"stopped waiting for {self.what}"))
         if self.holder is owner:
@@ -115,9 +117,9 @@ class FairLock(Generic[Owner]):
         if self.on_queue_changed is not None:
             self.on_queue_changed()
 
-    def _grant(self, owner: Owner) -> None:
+    def _grant(self, owner: Owner, limited: bool = True) -> None:
         self.holder = owner
-        if self.max_hold is not None:
+        if self.max_hold is not None and limited:
             loop = asyncio.get_running_loop()
             self._revoke_timer = loop.call_later(self.max_hold, self._revoke, owner)
 

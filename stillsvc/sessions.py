@@ -20,6 +20,7 @@ from .errors import AccessDenied, Disconnected, NotFound
 
 if TYPE_CHECKING:
     from .devices import Device
+    from .items import AppItem
 
 
 @dataclass(frozen=True)
@@ -74,12 +75,22 @@ class Session:
         self.on_event: list = []
         self.on_closed: list = []
         self._fds: list[int] = []
+        #: The session's own application items (root = the device), if the device has a tree.
+        self.root_item: AppItem | None = None
+        #: Transfers running for this session (stillsvc.transfer.Transfer).
+        self.transfers: set[Any] = set()
 
     def __repr__(self) -> str:
         return f"<Session {self.number} {self.device_id} {self.mode.label} {self.client.name}>"
 
     def describe(self) -> str:
         return f"session {self.number} of {self.client.describe()}"
+
+    def find_item(self, path: str) -> AppItem:
+        for item in self.root_item.walk() if self.root_item else ():
+            if item.path == path:
+                return item
+        raise NotFound(f"session {self.number} has no item {path!r}")
 
     # -- ownership and state ---------------------------------------------------
     def check_owner(self, caller: str | None) -> None:

@@ -72,6 +72,11 @@ class ManagerInterface(ServiceInterface):
         return self.service.export_session(session)
 
     @method()
+    def GetDriverItems(self, device_id: "s") -> "aa{sv}":
+        _check_string(self.service, device_id, "device_id")
+        return [to_vardict(entry) for entry in self.service.manager.item_report(device_id)]
+
+    @method()
     async def WatchEvents(self):
         await self.service.watch_events(caller())
 

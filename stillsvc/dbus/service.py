@@ -34,6 +34,7 @@ from ..names import (
 )
 from .bus import ServiceBus, error_name
 from .interfaces import DeviceInterface, ManagerInterface, SessionInterface, SimulatorInterface
+from .items import ItemInterface, item_path
 from .variants import to_vardict
 
 log = structlog.get_logger(__name__)
@@ -45,8 +46,9 @@ DBUS_PATH = "/org/freedesktop/DBus"
 
 
 def _session_number(path: str) -> int:
+    """The session number of a session path or of one of its items' paths."""
     try:
-        return int(path.rsplit("/", 1)[1])
+        return int(path[len(SESSIONS_PATH) + 1:].split("/", 1)[0])
     except ValueError:
         return -1
 
@@ -59,6 +61,7 @@ class Service(Listener):
         self.device_ifaces: dict[str, DeviceInterface] = {}
         self.simulator_ifaces: dict[str, SimulatorInterface] = {}
         self.session_ifaces: dict[int, SessionInterface] = {}
+        self.item_ifaces: dict[int, dict[int, ItemInterface]] = {}
         self.clients: dict[str, Client] = {}
         self._client_lookups: dict[str, asyncio.Future[Client]] = {}
         self.event_watchers: set[str] = set()
@@ -87,7 +90,7 @@ class Service(Listener):
         if msg.path.startswith(SESSIONS_PATH + "/") and msg.interface == PROPERTIES_IFACE:
             # Sessions are private: the library's Properties handler knows no owners.
             iface = self.session_ifaces.get(_session_number(msg.path))
-            if iface is not None and msg.sender != iface.session.client.name:
+            if iface is not None and msg.sender != iface.session.client.name:  # the session's items too
                 return Message.new_error(msg, error_name("AccessDenied"),
                                          f"session {iface.session.number} belongs to another client")
         if msg.interface == OBJECT_MANAGER_IFACE and msg.member == "GetManagedObjects":
@@ -162,15 +165,41 @@ class Service(Listener):
         self.bus.export(iface.path, iface)
         session.on_lock_revoked.append(self._lock_revoked)
         session.on_event.append(self._event_queued)
+        self._export_items(session)
         return iface.path
 
+    def _export_items(self, session: Session) -> list[ItemInterface]:
+        exported = self.item_ifaces.setdefault(session.number, {})
+        new: list[ItemInterface] = []
+        if session.root_item is None:
+            return new
+        for app in session.root_item.walk():
+            if id(app) not in exported:
+                iface = ItemInterface(self, session, app)
+                exported[id(app)] = iface
+                self.bus.export(iface.path, iface)
+                new.append(iface)
+        return new
+
     def root_item_path(self, session: Session) -> str:
-        return "/"
+        return item_path(session, session.root_item) if session.root_item is not None else "/"
+
+    def items_changed(self, device: Device) -> None:
+        """Synchronize added items: export them, and tell each owner its parents' Children changed."""
+        for session in list(device.sessions):
+            for iface in self._export_items(session):
+                parent = iface.app.parent
+                parent_iface = self.item_ifaces[session.number].get(id(parent)) if parent else None
+                if parent_iface is not None:
+                    parent_iface.properties_changed({"Children": Variant("ao", [
+                        item_path(session, child) for child in parent.children])})
 
     def session_closed(self, session: Session) -> None:
         iface = self.session_ifaces.pop(session.number, None)
         if iface is not None:
             self.bus.unexport(iface.path, iface)
+        for item_iface in self.item_ifaces.pop(session.number, {}).values():
+            self.bus.unexport(item_iface.path, item_iface)
 
     def _lock_revoked(self, session: Session) -> None:
         iface = self.session_ifaces.get(session.number)

@@ -208,28 +208,40 @@ class SimulatedScanner(Minidriver):
             root.add_child(DriverItem("Feeder", "feeder", scan_specs(sources, FEEDER_CAPACITY)))
         return root
 
-    def validate_properties(self, item: DriverItem, values: dict[str, Any], changed: set[str]) -> dict[str, Any]:
+    def valid_values(self, item: DriverItem, values: dict[str, Any]) -> dict[str, Any]:
+        if item.kind not in ("flatbed", "feeder"):
+            return {}
+        width, height = values["max_width"], values["max_height"]
+        return {
+            "x_offset": Range(0, width - 1),
+            "y_offset": Range(0, height - 1),
+            "width": Range(1, width),
+            "height": Range(1, height),
+        }
+
+    def validate_properties(
+        self, item: DriverItem, values: dict[str, Any], changed: set[str], previous: dict[str, Any]
+    ) -> dict[str, Any]:
         if item.kind not in ("flatbed", "feeder"):
             return values
         values = dict(values)
-        old = item.values  # the driver item's defaults; callers pass the app item's values in full
-        if "resolution" in changed:
-            before = values.get("_previous_resolution", old["resolution"])
-            scale = values["resolution"] / before
+        if values["resolution"] != previous["resolution"]:
+            # Keep the scan area where it was on the bed: scale everything not set together.
+            scale = values["resolution"] / previous["resolution"]
             width, height = _pixels(BED_MM[0], values["resolution"]), _pixels(BED_MM[1], values["resolution"])
             values["max_width"], values["max_height"] = width, height
             for key, limit in (("x_offset", width - 1), ("y_offset", height - 1)):
                 if key not in changed:
-                    values[key] = min(limit, int(values[key] * scale))
+                    values[key] = min(limit, int(previous[key] * scale))
             for key, limit in (("width", width), ("height", height)):
                 if key not in changed:
-                    values[key] = max(1, min(limit, round(values[key] * scale)))
-        values.pop("_previous_resolution", None)
+                    values[key] = max(1, min(limit, round(previous[key] * scale)))
         if values["mode"] == "lineart":
             values["depth"] = 1
         elif values["depth"] == 1:
             if "depth" in changed:
-                raise InvalidArgument("depth 1 is only valid with mode lineart (valid: 8, 16)")
+                raise InvalidArgument("invalid value 1 for property depth: 1 is only valid with mode lineart "
+                                      "(valid: 8, 16)")
             values["depth"] = 8
         if values["x_offset"] + values["width"] > values["max_width"]:
             raise InvalidArgument(
