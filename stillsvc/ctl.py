@@ -833,5 +833,12 @@ def main(argv: list[str] | None = None) -> int:
         return 0
 
 
+# The item-tree subcommands (scan, items, props) register themselves on import.
+from . import ctl_scan  # noqa: E402,F401
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    # Run the package's module, where every subcommand has registered itself.
+    from stillsvc import ctl as _ctl
+
+    sys.exit(_ctl.main())
