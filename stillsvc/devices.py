@@ -15,9 +15,9 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, Protocol, TypeVar
+from typing import Any, TypeVar
 
 import structlog
 
@@ -32,7 +32,6 @@ from .errors import (
     InvalidArgument,
     LimitExceeded,
     NotFound,
-    NotSupported,
     StillError,
 )
 from .items import AppItem, DriverItem, attach_new_items, build_app_tree, check_dependent, check_writes, \
@@ -49,19 +48,9 @@ T = TypeVar("T")
 DEVICE_START_TIMEOUT = 15.0
 
 
-class ManagerListener(Protocol):
-    """What the manager reports. Every method is optional (see :class:`Listener`)."""
-
-    def device_added(self, device: Device) -> None: ...
-    def device_removed(self, device: Device) -> None: ...
-    def device_changed(self, device: Device, names: list[str]) -> None: ...
-    def session_closed(self, session: Session) -> None: ...
-    def event_routed(self, device: Device, record: EventRecord, consumer: str) -> None: ...
-    def items_changed(self, device: Device) -> None: ...
-
-
 class Listener:
-    """A listener that ignores everything; subclass and override what you need."""
+    """What the manager reports to the D-Bus layer and the event monitor.
+    Every method does nothing here; subclass and override what you need."""
 
     def device_added(self, device: Device) -> None: ...
     def device_removed(self, device: Device) -> None: ...
@@ -346,10 +335,11 @@ class DeviceManager:
         self.unplugged: dict[str, tuple[DeviceConfig, Minidriver]] = {}
         self.simulators: dict[str, Minidriver] = {}
         self.sessions: dict[int, Session] = {}
-        self.listeners: list[ManagerListener] = []
+        self.listeners: list[Listener] = []
         #: Chooses the consumer of an event no data-mode session takes (the event
-        #: monitor sets it); returns a description of the consumer.
-        self.launcher: Callable[[Device, EventRecord], str] | None = None
+        #: monitor sets it); returns a description of the consumer, or an awaitable
+        #: of one when delivering takes a while (asking an agent).
+        self.launcher: Callable[[Device, EventRecord], str | Awaitable[str]] | None = None
         self._pending: dict[str, int] = {}
         #: Devices that went away while application items still linked their items.
         self.departed: dict[str, list[Device]] = {}
@@ -459,6 +449,15 @@ class DeviceManager:
         config, driver = entry
         return await self.add_device(config, driver)
 
+    async def simulate(self, device_id: str, action: str, **arguments: Any) -> Any:
+        """A Simulator action on a simulated device, present or unplugged, on its worker thread."""
+        driver = self.simulators.get(device_id)
+        if driver is None:
+            raise NotFound(f"no simulated device {device_id!r}")
+        loop = asyncio.get_running_loop()
+        executor: ThreadPoolExecutor = driver._stillsvc_executor  # type: ignore[attr-defined]
+        return await loop.run_in_executor(executor, lambda: driver.simulate(action, **arguments))
+
     def item_report(self, device_id: str) -> list[dict[str, Any]]:
         """Every live driver item of ``device_id``: the present device's tree and
         what is left of earlier ones (unplugged, still linked by application items)."""
@@ -485,7 +484,8 @@ class DeviceManager:
             mine = len(self.sessions_of(client.name)) + self._pending.get(client.name, 0)
             if mine >= self.limits.max_sessions_per_client:
                 raise LimitExceeded(f"a client may have at most {self.limits.max_sessions_per_client} sessions")
-            if len(self.sessions) + sum(self._pending.values()) >= self.limits.max_sessions:
+            open_sessions = sum(1 for s in self.sessions.values() if not s.client.internal)
+            if open_sessions + sum(self._pending.values()) >= self.limits.max_sessions:
                 raise LimitExceeded(f"the service has reached its limit of {self.limits.max_sessions} sessions")
         session = Session(device, client, mode, self.limits.event_queue_length)
         self._pending[client.name] = self._pending.get(client.name, 0) + 1
@@ -555,10 +555,17 @@ class DeviceManager:
             return
         record = device.record_event(event)
         consumer = self.route(device, record)
-        self._notify("event_routed", device, record, consumer)
+        if isinstance(consumer, str):
+            self._notify("event_routed", device, record, consumer)
+        else:
+            self._spawn(self._routed_later(device, record, consumer))
 
-    def route(self, device: Device, record: EventRecord) -> str:
-        """Deliver ``record`` to exactly one consumer; returns who took it."""
+    async def _routed_later(self, device: Device, record: EventRecord, consumer: Awaitable[str]) -> None:
+        self._notify("event_routed", device, record, await consumer)
+
+    def route(self, device: Device, record: EventRecord) -> str | Awaitable[str]:
+        """Deliver ``record`` to exactly one consumer; returns who took it (or, when
+        the launcher must ask someone first, an awaitable that does)."""
         if device.standing_back:
             device.events_undelivered += 1
             device.log.info("event not routed: device held by another program",
@@ -601,4 +608,4 @@ class DeviceManager:
             task.cancel()
 
 
-__all__ = ["Device", "DeviceManager", "Listener", "ManagerListener", "NotSupported"]
+__all__ = ["Device", "DeviceManager", "Listener"]

@@ -20,15 +20,10 @@ from typing import Any
 from dbus_fast import DBusError, Message, MessageType, Variant
 from dbus_fast.aio import MessageBus
 
-BUS_NAME = "org.stillsvc.StillImage1"
-ROOT = "/org/stillsvc/StillImage1"
-IFACE = "org.stillsvc.StillImage1"
-MANAGER = f"{IFACE}.Manager"
-DEVICE = f"{IFACE}.Device"
-SESSION = f"{IFACE}.Session"
-SIMULATOR = f"{IFACE}.Simulator"
-ITEM = f"{IFACE}.Item"
-ERROR = f"{IFACE}.Error"
+from stillsvc.names import BUS_NAME, DEVICE_IFACE as DEVICE, ERROR_PREFIX as ERROR, IFACE_PREFIX as IFACE, \
+    ITEM_IFACE as ITEM, MANAGER_IFACE as MANAGER, ROOT_PATH as ROOT, SESSION_IFACE as SESSION, \
+    SIMULATOR_IFACE as SIMULATOR
+
 SIM0 = f"{ROOT}/devices/sim0"
 REPO = Path(__file__).resolve().parent.parent
 TIMEOUT = 10.0

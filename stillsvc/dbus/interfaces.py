@@ -88,6 +88,32 @@ class ManagerInterface(ServiceInterface):
     def EventRouted(self) -> "ostxsa{sv}":  # pragma: no cover - sent with unicast_signal
         raise NotImplementedError
 
+    # -- agents and launch registrations (dbus/agents.py) ---------------------------------
+    @method()
+    async def RegisterAgent(self, agent: "o"):
+        await self.service.events.register_agent(caller(), agent)
+
+    @method()
+    def UnregisterAgent(self, agent: "o"):
+        self.service.events.unregister_agent(caller(), agent)
+
+    @method()
+    async def RegisterLaunchApplication(self, name: "s", command: "as", events: "as", devices: "as",
+                                        options: "a{sv}"):
+        await self.service.events.register_application(caller(), name, command, events, devices, options)
+
+    @method()
+    async def UnregisterLaunchApplication(self, name: "s", options: "a{sv}"):
+        await self.service.events.unregister_application(caller(), name, options)
+
+    @method()
+    async def ListLaunchApplications(self) -> "aa{sv}":
+        return await self.service.events.list_applications(caller())
+
+    @method()
+    async def SetDefaultApplication(self, device_id: "s", event: "s", application: "s"):
+        await self.service.events.set_default(caller(), device_id, event, application)
+
 
 class DeviceInterface(ServiceInterface):
     def __init__(self, service: Service, device: Device):
@@ -397,9 +423,7 @@ class SimulatorInterface(ServiceInterface):
         self.emit_properties_changed({k: v.value for k, v in self.snapshot().items()})
 
     async def _act(self, action: str, **arguments: Any):
-        driver = self.driver
-        loop_call = self.service.manager.loop.run_in_executor
-        await loop_call(driver._stillsvc_executor, lambda: driver.simulate(action, **arguments))
+        await self.service.manager.simulate(self.device_id, action, **arguments)
         self.changed()
 
     @method()
