@@ -36,6 +36,7 @@ from dbus_fast.service import method as _dbus_method
 
 from ..errors import StillError
 from ..names import ERROR_PREFIX
+from .authority import OWNER, PUBLIC, rule_for
 
 log = structlog.get_logger(__name__)
 
@@ -63,15 +64,24 @@ def _internal_error(fn: Callable[..., Any], e: Exception) -> DBusError:
     return DBusError(error_name("Failed"), "internal error in the service; the details are in its log")
 
 
+def _authority(interface: Any) -> Any:
+    return getattr(getattr(interface, "service", None), "authority", None)
+
+
 def method(name: str | None = None) -> Callable[[Callable[..., Any]], Any]:
-    """Export a method like ``dbus_fast.service.method`` with the error mapping above."""
+    """Export a method like ``dbus_fast.service.method`` with the error mapping
+    above, behind the authorization gate (:mod:`.authority`)."""
 
     def decorate(fn: Callable[..., Any]) -> Any:
+        member = name or fn.__name__
         if inspect.iscoroutinefunction(fn):
 
             @functools.wraps(fn)
             async def wrapper(*args: Any) -> Any:
                 try:
+                    authority = _authority(args[0])
+                    if authority is not None:
+                        await authority.check(caller(), args[0].name, member)
                     return await fn(*args)
                 except StillError as e:
                     raise to_dbus_error(e) from None
@@ -85,6 +95,12 @@ def method(name: str | None = None) -> Callable[[Callable[..., Any]], Any]:
             @functools.wraps(fn)
             def wrapper(*args: Any) -> Any:
                 try:
+                    authority = _authority(args[0])
+                    if authority is not None:
+                        # Methods that need polkit are coroutines; these need no check.
+                        rule = rule_for(args[0].name, member)
+                        if rule not in (PUBLIC, OWNER) and authority.mode != "none":
+                            raise RuntimeError(f"{member} needs {rule} but is not a coroutine")
                     return fn(*args)
                 except StillError as e:
                     raise to_dbus_error(e) from None
