@@ -415,7 +415,7 @@ class DeviceManager:
         device.disconnected = True
         for session in list(device.sessions):
             for transfer in list(session.transfers):
-                transfer.stop("the device was disconnected")
+                transfer.stop("the device was disconnected", Disconnected)
         if device.tree is not None:
             device.tree.remove()  # -1 for every item; linked ones live on, marked
         for fair in (device.data_mode, device.device_lock):

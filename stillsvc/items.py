@@ -95,6 +95,11 @@ class Flags:
 
 Valid = Range | ValueList | Flags | None
 
+_INTEGER_RANGES: dict[str, tuple[int, int]] = {
+    "y": (0, 2**8 - 1), "n": (-(2**15), 2**15 - 1), "q": (0, 2**16 - 1), "i": (-(2**31), 2**31 - 1),
+    "u": (0, 2**32 - 1), "x": (-(2**63), 2**63 - 1), "t": (0, 2**64 - 1),
+}
+
 _PYTHON_TYPES: dict[str, tuple[type, ...]] = {
     "i": (int,), "u": (int,), "x": (int,), "t": (int,), "d": (float, int), "s": (str,), "b": (bool,),
 }
@@ -118,6 +123,10 @@ class PropertySpec:
             raise InvalidArgument(f"property {self.name} takes type '{self.signature}', not a boolean")
         if not isinstance(value, kinds):
             raise InvalidArgument(f"property {self.name} takes type '{self.signature}', not {type(value).__name__}")
+        if self.signature in _INTEGER_RANGES:
+            low, high = _INTEGER_RANGES[self.signature]
+            if not low <= value <= high:
+                raise InvalidArgument(f"property {self.name} takes type '{self.signature}': {value} is out of its range")
         if self.signature == "d":
             value = float(value)
         return value
@@ -259,6 +268,9 @@ class AppItem:
         self.specs = dict(driver_item.specs)
         self.values = dict(driver_item.values)
         self.children: list[AppItem] = []
+        #: Children replaced by synchronize (their driver item was removed and a
+        #: new one took its place): still linked until this item is released.
+        self.retired: list[AppItem] = []
         self.released = False
 
     @property
@@ -272,7 +284,7 @@ class AppItem:
 
     def release(self) -> None:
         """Sever the link (and the children's): the driver item's count drops by one each."""
-        for child in self.children:
+        for child in self.children + self.retired:
             child.release()
         if not self.released:
             self.released = True
@@ -301,8 +313,15 @@ def attach_new_items(app_root: AppItem, added: list[DriverItem]) -> list[AppItem
     created: list[AppItem] = []
     for item in added:  # parents come before their children
         parent = by_path.get(item.parent.path) if item.parent else None
-        if parent is None or item.path in by_path:
+        if parent is None:
             continue
+        old = by_path.get(item.path)
+        if old is not None:
+            if old.connected:
+                continue
+            # The same place, a new driver item (detached and attached again).
+            parent.children.remove(old)
+            parent.retired.append(old)
         app = AppItem(item, parent)
         parent.children.append(app)
         by_path[app.path] = app
