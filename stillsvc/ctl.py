@@ -835,6 +835,8 @@ def main(argv: list[str] | None = None) -> int:
 
 # The item-tree subcommands (scan, items, props) register themselves on import.
 from . import ctl_scan  # noqa: E402,F401
+# The event subcommands (agent, register, unregister, apps, default, events) too.
+from . import ctl_events  # noqa: E402,F401
 
 
 if __name__ == "__main__":

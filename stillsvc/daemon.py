@@ -22,6 +22,9 @@ from dbus_fast.constants import NameFlag
 from . import __version__, config as config_module, log as log_module, notify
 from .config import Config, ConfigError, DeviceConfig
 from .devices import DeviceManager
+from .events import EventMonitor
+from .registry import Registry
+from .dbus.agents import AgentBridge
 from .dbus.bus import ServiceBus
 from .dbus.service import Service
 from .names import BUS_NAME
@@ -54,6 +57,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="'system', 'session' or a D-Bus address (default: system)")
     parser.add_argument("--config", metavar="PATH", help="configuration file (TOML)")
     parser.add_argument("--simulate", action="store_true", help="add the simulated scanner 'sim0'")
+    parser.add_argument("--authorization", choices=["auto", "polkit", "none"], default="auto",
+                        help="who may use the service: ask polkit, or trust every client of the bus "
+                             "(default: polkit on the system bus, none on any other)")
     parser.add_argument("--runtime-dir", metavar="DIR", help="lock files live here (default /run/stillsvc)")
     parser.add_argument("--state-dir", metavar="DIR", help="saved registrations live here (default /var/lib/stillsvc)")
     parser.add_argument("--log-level", default=os.environ.get("STILLSVC_LOG_LEVEL", "info"),
@@ -97,8 +103,16 @@ async def run(args: argparse.Namespace, cfg: Config) -> int:
         return EXIT_NO_BUS
 
     manager = DeviceManager(cfg)
-    service = Service(bus, manager)
+    authorization = args.authorization
+    if authorization == "auto":
+        authorization = "polkit" if args.bus == "system" else "none"
+    service = Service(bus, manager, authorization)
+    registry = Registry(cfg.state_dir, cfg.limits)
+    registry.load()
+    monitor = EventMonitor(manager, registry, bus=args.bus)
+    AgentBridge(service, monitor)
     await service.start()
+    monitor.start()
     # Devices before the name, so a client that sees the name sees the devices; a
     # device that fails or hangs while starting is logged and left out.
     await manager.start()
@@ -130,6 +144,7 @@ async def run(args: argparse.Namespace, cfg: Config) -> int:
         if task is not None:
             task.cancel()
     service.stop()
+    monitor.stop()
     await manager.stop()
     if bus.connected:
         bus.disconnect()

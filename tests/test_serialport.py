@@ -64,6 +64,11 @@ def lock_dir(tmp_path: Path) -> str:
 @pytest.fixture
 def sleeper() -> Iterator[subprocess.Popen[bytes]]:
     proc = subprocess.Popen(["sleep", "60"])
+    # Popen returns once exec has begun; the process name changes a moment later.
+    deadline = time.monotonic() + 5
+    while Path(f"/proc/{proc.pid}/comm").read_text().strip() != "sleep":
+        assert time.monotonic() < deadline, "sleep did not start"
+        time.sleep(0.001)
     yield proc
     proc.kill()
     proc.wait()

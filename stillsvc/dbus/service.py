@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+from collections.abc import Callable
 from typing import Any
 
 import structlog
@@ -32,6 +33,7 @@ from ..names import (
     SIMULATOR_IFACE,
     device_path,
 )
+from .authority import Authority
 from .bus import ServiceBus, error_name
 from .interfaces import DeviceInterface, ManagerInterface, SessionInterface, SimulatorInterface
 from .items import ItemInterface, item_path
@@ -54,9 +56,10 @@ def _session_number(path: str) -> int:
 
 
 class Service(Listener):
-    def __init__(self, bus: ServiceBus, manager: DeviceManager) -> None:
+    def __init__(self, bus: ServiceBus, manager: DeviceManager, authorization: str = "none") -> None:
         self.bus = bus
         self.manager = manager
+        self.authority = Authority(bus, authorization)
         self.manager_iface = ManagerInterface(self)
         self.device_ifaces: dict[str, DeviceInterface] = {}
         self.simulator_ifaces: dict[str, SimulatorInterface] = {}
@@ -65,6 +68,10 @@ class Service(Listener):
         self.clients: dict[str, Client] = {}
         self._client_lookups: dict[str, asyncio.Future[Client]] = {}
         self.event_watchers: set[str] = set()
+        #: The event monitor's D-Bus side (agents, registrations: dbus/agents.py), set at start.
+        self.events: Any = None
+        #: Called with a client's unique name when it leaves the bus.
+        self.client_left: list[Callable[[str], None]] = []
 
     # -- start and stop -----------------------------------------------------------
     async def start(self) -> None:
@@ -173,9 +180,13 @@ class Service(Listener):
         new: list[ItemInterface] = []
         if session.root_item is None:
             return new
+        by_path = {iface.path: key for key, iface in exported.items()}
         for app in session.root_item.walk():
             if id(app) not in exported:
                 iface = ItemInterface(self, session, app)
+                replaced = by_path.get(iface.path)
+                if replaced is not None:  # a retired item at the same place gives way
+                    self.bus.unexport(iface.path, exported.pop(replaced))
                 exported[id(app)] = iface
                 self.bus.export(iface.path, iface)
                 new.append(iface)
@@ -219,9 +230,7 @@ class Service(Listener):
     async def watch_events(self, name: str | None) -> None:
         if name is None:
             return
-        client = await self.client(name)
-        if client.uid not in (0, os.getuid()):
-            raise AccessDenied("watching event routing is for administrators")
+        await self.client(name)  # watched from now on, so the subscription ends when it leaves
         self.event_watchers.add(name)
 
     def unwatch_events(self, name: str | None) -> None:
@@ -295,6 +304,8 @@ class Service(Listener):
         if client is None:
             return
         log.info("client left the bus", client=name)
+        for callback in list(self.client_left):
+            callback(name)
         self.manager._spawn(self.manager.client_vanished(name))
         self.manager._spawn(self._dbus_call("RemoveMatch", "s", [
             f"type='signal',sender='{DBUS_NAME}',path='{DBUS_PATH}',interface='{DBUS_NAME}',"
