@@ -450,13 +450,13 @@ class DeviceManager:
         return await self.add_device(config, driver)
 
     async def simulate(self, device_id: str, action: str, **arguments: Any) -> Any:
-        """A Simulator action on a simulated device, present or unplugged, on its worker thread."""
+        """A Simulator action on a simulated device, present or unplugged. It runs on a
+        thread of its own, not the device's worker: pulling the plug must be possible
+        while a transfer occupies the device."""
         driver = self.simulators.get(device_id)
         if driver is None:
             raise NotFound(f"no simulated device {device_id!r}")
-        loop = asyncio.get_running_loop()
-        executor: ThreadPoolExecutor = driver._stillsvc_executor  # type: ignore[attr-defined]
-        return await loop.run_in_executor(executor, lambda: driver.simulate(action, **arguments))
+        return await asyncio.to_thread(driver.simulate, action, **arguments)
 
     def item_report(self, device_id: str) -> list[dict[str, Any]]:
         """Every live driver item of ``device_id``: the present device's tree and

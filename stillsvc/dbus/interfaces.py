@@ -417,7 +417,12 @@ class SimulatorInterface(ServiceInterface):
             "Jammed": Variant("b", state["jammed"]),
             "FeederAttached": Variant("b", state["feeder_attached"]),
             "PagesFed": Variant("u", state["pages_fed"]),
+            "LastSettings": Variant("a{sv}", self._last_settings()),
         }
+
+    def _last_settings(self) -> dict[str, Variant]:
+        return {item: Variant("a{sv}", to_vardict(values))
+                for item, values in self.driver.last_settings.items()}
 
     def changed(self):
         self.emit_properties_changed({k: v.value for k, v in self.snapshot().items()})
@@ -474,5 +479,9 @@ class SimulatorInterface(ServiceInterface):
     @dbus_property(access=PropertyAccess.READ)
     def PagesFed(self) -> "u":
         return self.driver.simulator_state()["pages_fed"]
+
+    @dbus_property(access=PropertyAccess.READ)
+    def LastSettings(self) -> "a{sv}":
+        return self._last_settings()
 
 

@@ -198,6 +198,8 @@ class Service(Listener):
     def items_changed(self, device: Device) -> None:
         """Synchronize added items: export them, and tell each owner its parents' Children changed."""
         for session in list(device.sessions):
+            if session.number not in self.session_ifaces:
+                continue  # the service's own sessions (the event monitor) are not on the bus
             for iface in self._export_items(session):
                 parent = iface.app.parent
                 parent_iface = self.item_ifaces[session.number].get(id(parent)) if parent else None
