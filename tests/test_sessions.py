@@ -14,7 +14,6 @@ from dbus_fast import Variant
 
 from helpers import (
     DEVICE,
-    ROOT,
     SESSION,
     SIM0,
     Signals,

@@ -12,7 +12,6 @@
 from __future__ import annotations
 
 import asyncio
-import os
 from collections.abc import Callable
 from typing import Any
 
@@ -20,7 +19,6 @@ import structlog
 from dbus_fast import Message, MessageType, Variant
 
 from ..devices import Device, DeviceManager, Listener
-from ..errors import AccessDenied
 from ..sessions import Client, EventRecord, Session
 from ..names import (
     BUS_NAME,
