@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import os
 import shlex
 import signal
@@ -40,6 +41,12 @@ def _out(ctl: Ctl, kind: str, text: str, **data: Any) -> None:
 
 
 # -- register, unregister, apps, default --------------------------------------------------
+
+def command_line(argv: list[str]) -> str:
+    """A command on one line: shell quoting, and JSON escapes for arguments with newlines or other
+    control characters."""
+    return " ".join(shlex.quote(a) if a.isprintable() else json.dumps(a) for a in argv)
+
 
 def _split(values: list[str] | None) -> list[str]:
     """``--events a,b --events c`` as ``[a, b, c]``; "all" (or nothing) as ``[]``."""
@@ -134,7 +141,7 @@ async def cmd_apps(ctl: Ctl, args: argparse.Namespace) -> int:
         print_table(["ID", "EVENTS", "DEVICES", "DEFAULT FOR", "COMMAND"],
                     [[a["id"], a["events"] or "all", a["devices"] or "all",
                       [f"{device} {event}" for device, event in a["default_for"]],
-                      shlex.join(a["command"])] for a in apps])
+                      command_line(a["command"])] for a in apps])
     return 0
 
 
@@ -261,7 +268,7 @@ class AgentObject(ServiceInterface):
                  sequence=sequence, error=e.strerror or str(e))
             raise _failed(f"cannot run {argv[0]!r}: {e.strerror or e}") from None
         _out(self.ctl, "launched", f"launched {application} (pid {proc.pid}) for {device_id} {event} #{sequence}: "
-             f"{shlex.join(argv)}", application=application, pid=proc.pid, argv=argv, device=device_id,
+             f"{command_line(argv)}", application=application, pid=proc.pid, argv=argv, device=device_id,
              event=event, sequence=sequence,
              environment={k: v for k, v in environment.items()})
         task = asyncio.ensure_future(self._reap(application, proc))
@@ -281,7 +288,7 @@ class AgentObject(ServiceInterface):
             raise DBusError(f"{ERROR_PREFIX}.NotSupported",
                             "this agent cannot ask its user (start it with --chooser COMMAND)")
         offered = [plain(c) for c in candidates]
-        lines = "".join(f"{c['id']}\t{c['name']}\t{shlex.join(c['command'])}\n" for c in offered)
+        lines = "".join(f"{c['id']}\t{c['name']}\t{command_line(c['command'])}\n" for c in offered)
         env = {**os.environ, "STILLSVC_DEVICE": device_id, "STILLSVC_EVENT": event,
                "STILLSVC_EVENT_SEQUENCE": str(sequence)}
         try:
