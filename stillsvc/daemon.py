@@ -82,12 +82,18 @@ def build_config(args: argparse.Namespace) -> Config:
     )
 
 
+#: How long connecting and authenticating to the bus may take before the daemon gives up.
+CONNECT_TIMEOUT = 30.0
+
+
 async def connect(bus: str) -> ServiceBus:
     if bus == "system":
-        return await ServiceBus(bus_type=BusType.SYSTEM).connect()
-    if bus == "session":
-        return await ServiceBus(bus_type=BusType.SESSION).connect()
-    return await ServiceBus(bus).connect()
+        service_bus = ServiceBus(bus_type=BusType.SYSTEM, auth_timeout=CONNECT_TIMEOUT)
+    elif bus == "session":
+        service_bus = ServiceBus(bus_type=BusType.SESSION, auth_timeout=CONNECT_TIMEOUT)
+    else:
+        service_bus = ServiceBus(bus, auth_timeout=CONNECT_TIMEOUT)
+    return await asyncio.wait_for(service_bus.connect(), CONNECT_TIMEOUT)
 
 
 async def run(args: argparse.Namespace, cfg: Config) -> int:
@@ -99,7 +105,8 @@ async def run(args: argparse.Namespace, cfg: Config) -> int:
     try:
         bus = await connect(args.bus)
     except Exception as e:
-        print(f"stillsvc: cannot connect to the {args.bus} bus: {e}", file=sys.stderr)
+        reason = "no answer" if isinstance(e, TimeoutError) else str(e) or type(e).__name__
+        print(f"stillsvc: cannot connect to the {args.bus} bus: {reason}", file=sys.stderr)
         return EXIT_NO_BUS
 
     manager = DeviceManager(cfg)

@@ -50,14 +50,14 @@ import itertools
 import os
 import pwd
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import structlog
 
 from .devices import Device, DeviceManager, Listener
 from .driver import DeviceEvent, EventSource, Mode
-from .errors import Busy, LimitExceeded, StillError
+from .errors import InvalidArgument, LimitExceeded, StillError
 from .names import device_path
 from .registry import SYSTEM, USER, Registration, Registry, expand
 from .sessions import Client, EventRecord, Session
@@ -129,8 +129,6 @@ class Agents:
         return len(self._agents)
 
     def add(self, agent: Agent) -> Agent:
-        from .errors import InvalidArgument
-
         if any(a.owner == agent.owner and a.path == agent.path for a in self._agents):
             raise InvalidArgument(f"an agent at {agent.path} is already registered for this connection")
         if len(self.of_uid(agent.uid)) >= MAX_AGENTS_PER_USER:
@@ -208,12 +206,21 @@ class SystemLauncher:
             self.running.discard(proc)
 
 
+class _Poller:
+    """The owner of the device lock while the monitor polls a driver for events."""
+
+    def __init__(self, session: Session) -> None:
+        self.session = session
+
+    def describe(self) -> str:
+        return f"the event monitor (event poll, {self.session.describe()})"
+
+
 @dataclass
 class _Watch:
     session: Session | None = None
     poller: asyncio.Task[Any] | None = None
     opening: asyncio.Task[Any] | None = None
-    tasks: set[asyncio.Task[Any]] = field(default_factory=set)
 
 
 class EventMonitor(Listener):
@@ -294,23 +301,39 @@ class EventMonitor(Listener):
         interval = self.manager.limits.poll_interval_ms / 1000
         while not device.disconnected and not session.closed:
             await asyncio.sleep(interval)
-            if (device.standing_back or device.data_holder is not None or device.device_lock.holder is not None
-                    or device.device_lock.waiting):
+            if not self._may_poll(device):
                 continue
+            owner = _Poller(session)
             try:
-                events: list[DeviceEvent] = await device.io(session, device.driver.poll_events, why="event poll")
-            except Busy as e:
+                # Never wait for the lock: a client that holds or waits for it goes first.
+                await device.lock(owner, 0)
+            except StillError as e:
                 device.log.debug("event poll skipped", reason=e.message)
                 continue
+            try:
+                # Checked again with the lock held: nothing can take data mode between
+                # this check and the driver call starting.
+                if not self._may_poll(device, locked=True):
+                    continue
+                events: list[DeviceEvent] = await device._guarded(device.driver.poll_events)
             except StillError as e:
                 device.log.warning("event poll failed", error=e.message)
                 continue
+            finally:
+                if device.device_lock.holder is owner:
+                    await device.unlock(owner)
             for event in events or ():
                 if isinstance(event, DeviceEvent):
                     self.manager._driver_event(device.id, event)
                 else:
                     device.log.error("driver returned something that is not an event from poll_events",
                                      value=repr(event)[:80])
+
+    @staticmethod
+    def _may_poll(device: Device, locked: bool = False) -> bool:
+        if device.disconnected or device.standing_back or device.data_holder is not None:
+            return False
+        return locked or (device.device_lock.holder is None and not device.device_lock.waiting)
 
     # -- routing: the manager's launcher -------------------------------------------------
     def launch(self, device: Device, record: EventRecord) -> str | Awaitable[str]:

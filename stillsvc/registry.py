@@ -272,13 +272,16 @@ class Registry:
 
     # -- changing -----------------------------------------------------------------------------
     async def register(self, uid: int | None, name: str, command: list[str], events: list[str],
-                       devices: list[str], scope: str = USER) -> Registration:
-        """Add a registration, or replace the caller's registration of the same name."""
+                       devices: list[str], scope: str = USER, *, admin: bool | None = None) -> Registration:
+        """Add a registration, or replace the caller's registration of the same name.
+
+        ``admin`` says whether the caller is an administrator, when the caller
+        decided it otherwise (polkit); by default :meth:`is_admin` decides."""
         if uid is None:
             raise AccessDenied("the service cannot tell which user is calling")
         if scope not in SCOPES:
             raise InvalidArgument(f"scope must be 'user' or 'system', not {scope!r}")
-        if scope == SYSTEM and not self.is_admin(uid):
+        if scope == SYSTEM and not (self.is_admin(uid) if admin is None else admin):
             raise AccessDenied("only administrators may register system-wide applications")
         check_name(name)
         cmd = check_command(command, self.limits)
@@ -302,12 +305,13 @@ class Registry:
                  events=list(evs) or "all", devices=list(devs) or "all")
         return registration
 
-    async def unregister(self, uid: int | None, name: str, scope: str = USER) -> Registration:
+    async def unregister(self, uid: int | None, name: str, scope: str = USER, *,
+                         admin: bool | None = None) -> Registration:
         if uid is None:
             raise AccessDenied("the service cannot tell which user is calling")
         if scope not in SCOPES:
             raise InvalidArgument(f"scope must be 'user' or 'system', not {scope!r}")
-        if scope == SYSTEM and not self.is_admin(uid):
+        if scope == SYSTEM and not (self.is_admin(uid) if admin is None else admin):
             raise AccessDenied("only administrators may remove system-wide applications")
         check_name(name)
         state = copy.deepcopy(self._state)
@@ -322,22 +326,24 @@ class Registry:
         log.info("application unregistered", application=name, scope=scope, uid=registration.uid)
         return registration
 
-    async def set_default(self, uid: int | None, device_id: str, event: str, ref: str) -> Default | None:
+    async def set_default(self, uid: int | None, device_id: str, event: str, ref: str, *,
+                          admin: bool | None = None) -> Default | None:
         """Make ``ref`` the default for ``event`` on ``device_id``; ``""`` clears it.
 
         Users may name their own registrations or system-wide ones, and may not
-        replace or clear a default that names another user's registration;
-        administrators may do anything."""
+        replace or clear a default someone else set, unless it names one of their
+        own registrations; administrators may do anything."""
         if uid is None:
             raise AccessDenied("the service cannot tell which user is calling")
         check_device_id(device_id)
         check_event(event)
-        admin = self.is_admin(uid)
+        admin = self.is_admin(uid) if admin is None else admin
         state = copy.deepcopy(self._state)
         where = (device_id, event)
         current = state.defaults.get(where)
-        if current is not None and not admin and current.scope == USER and current.uid != uid:
-            raise AccessDenied(f"the default for {event} on {device_id} names another user's application")
+        if current is not None and not admin and current.set_by != uid \
+                and not (current.scope == USER and current.uid == uid):
+            raise AccessDenied(f"the default for {event} on {device_id} was set by another user")
         if not ref:
             if current is None:
                 return None
@@ -345,7 +351,9 @@ class Registry:
             await self._commit(state)
             log.info("default application cleared", device=device_id, event_name=event, uid=uid)
             return None
-        if admin and ref.startswith("user:"):
+        if ref.startswith("user:") and not admin:
+            raise AccessDenied("only administrators may name other users' applications (user:UID:NAME)")
+        if ref.startswith("user:"):
             # Administrators name a user's registration as user:UID:NAME.
             _, _, rest = ref.partition(":")
             owner, _, name = rest.partition(":")

@@ -94,7 +94,7 @@ class Session:
 
     # -- ownership and state ---------------------------------------------------
     def check_owner(self, caller: str | None) -> None:
-        if caller is not None and caller != self.client.name:
+        if caller != self.client.name:
             raise AccessDenied(f"session {self.number} belongs to another client")
 
     def check_open(self) -> None:

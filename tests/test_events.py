@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from dbus_fast import DBusError, Message, Variant
+from dbus_fast import DBusError, Variant
 from dbus_fast.service import ServiceInterface, method
 
 from helpers import (
@@ -49,7 +49,7 @@ from helpers import (
     wait_until,
 )
 from stillsvc.names import AGENT_IFACE
-from test_ctl import finish, read_line, read_until, start, stillctl
+from test_ctl import finish, read_line, start, stillctl
 
 ME = os.getuid()
 
@@ -62,10 +62,13 @@ class RecordingAgent(ServiceInterface):
     ``fail``: Launch and Choose answer with this error text. ``choice``: what
     Choose answers (None: NotSupported, as an agent that cannot ask its user)."""
 
-    def __init__(self, fail: str | None = None, choice: str | None = None) -> None:
+    def __init__(self, fail: str | None = None, choice: str | None = None,
+                 gate: asyncio.Event | None = None) -> None:
         super().__init__(AGENT_IFACE)
         self.fail = fail
         self.choice = choice
+        #: Choose answers only once this is set.
+        self.gate = gate
         self.launches: list[dict[str, Any]] = []
         self.choices: list[dict[str, Any]] = []
 
@@ -79,9 +82,11 @@ class RecordingAgent(ServiceInterface):
         return 4242
 
     @method()
-    def Choose(self, device_id: "s", event: "s", sequence: "t", candidates: "aa{sv}") -> "s":
+    async def Choose(self, device_id: "s", event: "s", sequence: "t", candidates: "aa{sv}") -> "s":
         self.choices.append({"device": device_id, "event": event, "sequence": sequence,
                              "candidates": [{k: v.value for k, v in c.items()} for c in candidates]})
+        if self.gate is not None:
+            await self.gate.wait()
         if self.fail:
             raise DBusError(f"{ERROR}.Failed", self.fail)
         if self.choice is None:
@@ -385,6 +390,23 @@ async def test_an_agent_may_decline_and_must_choose_what_it_was_offered(client, 
     assert consumer.endswith("declined to choose an application")
 
 
+async def test_data_mode_taken_while_the_user_chooses_gets_the_event(client, client2):
+    await register(client, "first")
+    await register(client, "second")
+    gate = asyncio.Event()
+    agent = await add_agent(client, choice="second", gate=gate)
+    async with Routed(client) as routed:
+        await press(client)
+        await wait_until(lambda: agent.choices, what="the agent being asked")
+        session = await create_session(client2, mode="data")
+        gate.set()
+        _, sequence, consumer = await routed.next()
+    assert consumer == f"queue: session {session.rsplit('/', 1)[1]} ({client2.unique_name})"
+    assert agent.launches == []
+    (queued,) = await call(client2, session, SESSION, "GetLastNotificationData")
+    assert queued["sequence"].value == sequence
+
+
 # -- agents failing ---------------------------------------------------------------------------
 
 async def test_a_failing_agent_falls_back_to_the_next(daemon, client, client2):
@@ -408,7 +430,7 @@ async def test_an_agent_that_left_is_not_called(daemon, client):
     leaving = await connect(daemon.address)
     gone = await add_agent(leaving)
     leaving.disconnect()
-    await wait_until(lambda: f"agent left" in daemon.log, what="the service noticing the agent left")
+    await wait_until(lambda: "agent left" in daemon.log, what="the service noticing the agent left")
     async with Routed(client) as routed:
         assert (await routed.press(client))[2].startswith(f"launch: scan-app via agent {client.unique_name} ")
     assert gone.launches == [] and len(older.launches) == 1
@@ -646,6 +668,50 @@ async def test_other_users_registrations_are_theirs(tmp_path):
         bus_daemon.stop()
 
 
+@pytest.fixture
+async def polkit_service(request, bus_address: str, tmp_path):
+    """The daemon asking a mocked polkit (python-dbusmock's polkitd template)."""
+    pytest.importorskip("dbusmock", reason="python-dbusmock (test extra) is needed to mock polkit")
+    polkitd = subprocess.Popen([sys.executable, "-m", "dbusmock", "--system", "--template", "polkitd"],
+                               env={**os.environ, "DBUS_SYSTEM_BUS_ADDRESS": bus_address},
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    daemon = Daemon(bus_address, "--authorization", "polkit", workdir=str(tmp_path))
+    request.node._stillsvc_daemon = daemon
+    bus = await connect(bus_address)
+    try:
+        await wait_for_name(bus, "org.freedesktop.PolicyKit1", proc=polkitd)
+        await wait_for_name(bus, proc=daemon.start())
+        yield bus
+    finally:
+        bus.disconnect()
+        daemon.stop()
+        polkitd.terminate()
+        polkitd.wait(5)
+
+
+async def test_with_polkit_system_wide_registrations_need_the_manage_action(polkit_service):
+    from stillsvc.dbus.authority import MANAGE, USE
+
+    bus = polkit_service
+
+    async def allow(*actions: str) -> None:
+        await call(bus, "/org/freedesktop/PolicyKit1/Authority", "org.freedesktop.DBus.Mock", "SetAllowed", "as",
+                   [list(actions)], destination="org.freedesktop.PolicyKit1")
+
+    await allow(USE)
+    await register(bus, "mine")
+    e = await expect_error("AccessDenied", register(bus, "to-folder", system=True))
+    assert MANAGE in e.text
+    await allow(USE, MANAGE)
+    await register(bus, "to-folder", system=True)
+    await call(bus, ROOT, MANAGER, "SetDefaultApplication", "sss", ["sim0", "scan-button", "system:to-folder"])
+    await allow(USE)
+    e = await expect_error("AccessDenied", call(bus, ROOT, MANAGER, "UnregisterLaunchApplication", "sa{sv}",
+                                                ["to-folder", {"system": Variant("b", True)}]))
+    assert MANAGE in e.text
+    assert [a["id"] for a in await applications(bus)] == ["mine", "system:to-folder"]
+
+
 # -- polling and idleness ------------------------------------------------------------------------
 
 def _wakeups(pid: int) -> tuple[int, int]:
@@ -670,33 +736,6 @@ async def test_an_idle_daemon_without_polling_drivers_sleeps(daemon, client):
     after = _wakeups(daemon.proc.pid)
     assert after[0] - before[0] <= 2, f"{after[0] - before[0]} wake-ups in an idle second"
     assert after[1] - before[1] <= 1, f"{after[1] - before[1]} CPU ticks in an idle second"
-
-
-def _sim_can_poll() -> bool:
-    from stillsvc.driver import Minidriver
-    from stillsvc.drivers.sim import SimulatedScanner
-
-    return SimulatedScanner.poll_events is not Minidriver.poll_events
-
-
-@pytest.mark.skipif(not _sim_can_poll(), reason="the simulated scanner has no polling mode")
-@pytest.mark.daemon_args("--config", "tests/data/polling-sim.toml")
-async def test_a_polling_driver_is_polled_but_not_while_data_mode_is_held(daemon, client):
-    poll0 = f"{ROOT}/devices/poll0"
-    await register(client, "scan-app", devices=["id:poll0"])
-    agent = await add_agent(client)
-    async with Routed(client) as routed:
-        await call(client, poll0, SIMULATOR, "PressButton", "s", ["scan"])
-        event, sequence, consumer = await routed.next()
-        assert (event, consumer[:len("launch: scan-app")]) == ("scan-button", "launch: scan-app")
-        session = await create_session(client, "poll0", mode="data")
-        await call(client, poll0, SIMULATOR, "PressButton", "s", ["copy"])
-        await asyncio.sleep(0.3)  # fifteen poll intervals: nothing may be polled meanwhile
-        assert len(routed.received) == 1
-        await close(client, session)
-        event, _, consumer = await routed.next()
-    assert event == "copy-button" and consumer.startswith("launch: scan-app")
-    assert [launch["event"] for launch in agent.launches] == ["scan-button", "copy-button"]
 
 
 # -- stillctl ----------------------------------------------------------------------------------
@@ -875,3 +914,103 @@ async def test_stillctl_agent_chooser_and_service_restart(daemon, client, tmp_pa
         if proc.returncode is None:
             proc.kill()
             await proc.wait()
+
+
+# -- the core without D-Bus: a polling driver -----------------------------------------------------
+
+def _polling_driver():
+    from stillsvc.driver import DeviceEvent, EventSource
+    from stillsvc.drivers.sim import SimulatedScanner
+
+    class PollingScanner(SimulatedScanner):
+        """The simulated scanner, but its buttons are only seen when the service asks."""
+
+        name = "pollsim"
+        events = EventSource.POLL
+
+        def __init__(self, config, host) -> None:  # type: ignore[no-untyped-def]
+            super().__init__(config, host)
+            self.pending: list[DeviceEvent] = []
+            self.locked = False
+            self.polls = 0
+            self.polls_unlocked = 0
+
+        def lock(self) -> None:
+            self.locked = True
+
+        def unlock(self) -> None:
+            self.locked = False
+
+        def simulate(self, action: str, **arguments: Any) -> Any:
+            if action == "press_button":
+                self.pending.append(DeviceEvent(f"{arguments['button']}-button", {"button": arguments["button"]}))
+                return None
+            return super().simulate(action, **arguments)
+
+        def poll_events(self) -> list[DeviceEvent]:
+            self.polls += 1
+            self.polls_unlocked += not self.locked
+            events, self.pending = self.pending, []
+            return events
+
+    return PollingScanner
+
+
+async def test_core_polls_a_polling_driver_under_the_lock_and_never_during_data_mode(tmp_path):
+    from stillsvc.config import Config, DeviceConfig, Limits
+    from stillsvc.devices import DeviceManager, Listener
+    from stillsvc.driver import Mode
+    from stillsvc.events import Agent, Agents, EventMonitor
+    from stillsvc.registry import Registry
+    from stillsvc.sessions import Client
+
+    config = Config(limits=Limits(poll_interval_ms=10), runtime_dir=str(tmp_path / "run"),
+                    state_dir=str(tmp_path / "state"),
+                    devices=(DeviceConfig("poll0", "pollsim"), DeviceConfig("push0", "sim")))
+    from stillsvc.drivers.sim import SimulatedScanner
+
+    manager = DeviceManager(config, drivers={"pollsim": _polling_driver(), "sim": SimulatedScanner})
+    registry = Registry(config.state_dir, config.limits)
+    launched: list[tuple[str, int]] = []
+
+    async def launch(request) -> int:  # type: ignore[no-untyped-def]
+        launched.append((request.event, request.sequence))
+        return 1
+
+    async def choose(request) -> str:  # type: ignore[no-untyped-def]
+        raise AssertionError("nothing to choose")
+
+    agents = Agents()
+    agents.add(Agent(owner=":test", path="/agent", uid=ME, description="test agent", launch=launch, choose=choose))
+    monitor = EventMonitor(manager, registry, agents)
+    routed: asyncio.Queue[tuple[str, str]] = asyncio.Queue()
+
+    class Watcher(Listener):
+        def event_routed(self, device, record, consumer) -> None:  # type: ignore[no-untyped-def]
+            routed.put_nowait((record.name, consumer))
+
+    manager.listeners.append(Watcher())
+    monitor.start()
+    await manager.start()
+    try:
+        await registry.register(ME, "scan-app", ["scan-app"], [], ["id:poll0"])
+        poll0 = manager.get("poll0")
+        assert monitor._watches["push0"].poller is None  # a push driver is never polled
+        await manager.simulate("poll0", "press_button", button="scan")
+        name, consumer = await asyncio.wait_for(routed.get(), TIMEOUT)
+        assert (name, consumer) == ("scan-button", "launch: scan-app via agent test agent of user "
+                                    f"{ME}, pid 1 (only match)")
+        assert poll0.driver.polls_unlocked == 0  # every poll under the device lock
+
+        session = await manager.create_session("poll0", Mode.DATA, Client(name=":holder"))
+        await manager.simulate("poll0", "press_button", button="copy")
+        polls = poll0.driver.polls
+        await asyncio.sleep(0.2)  # twenty poll intervals in which nothing may be polled
+        assert poll0.driver.polls == polls and routed.empty()
+        await manager.close_session(session)
+        name, consumer = await asyncio.wait_for(routed.get(), TIMEOUT)
+        assert name == "copy-button" and consumer.startswith("launch: scan-app ")
+        assert [event for event, _ in launched] == ["scan-button", "copy-button"]
+    finally:
+        monitor.stop()
+        await manager.stop()

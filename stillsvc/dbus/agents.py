@@ -24,6 +24,7 @@ from ..errors import AccessDenied, InvalidArgument, NotFound
 from ..events import Agent, AgentError, ChoiceRequest, EventMonitor, LaunchRequest
 from ..names import AGENT_IFACE
 from ..registry import SYSTEM, USER, Registration
+from .authority import MANAGE
 from .variants import check_options, integer_option
 
 if TYPE_CHECKING:
@@ -142,11 +143,22 @@ class AgentBridge:
             "default_for": Variant("a(ss)", defaults),
         }
 
+    async def _admin(self, sender: str | None, uid: int) -> bool:
+        """Whether the caller may manage system-wide registrations and others' ones: polkit's
+        manage action when the service asks polkit, otherwise root and the service's user."""
+        authority = getattr(self.service, "authority", None)
+        if authority is not None and authority.mode == "polkit":
+            await authority.require(sender, MANAGE)
+            return True
+        return self.registry.is_admin(uid)
+
     async def register_application(self, sender: str | None, name: str, command: list[str], events: list[str],
                                    devices: list[str], options: dict[str, Variant]) -> None:
         check_options(options, {"system"})
         scope = SYSTEM if _bool_option(options, "system") else USER
-        await self.registry.register(await self._uid(sender), name, command, events, devices, scope)
+        uid = await self._uid(sender)
+        admin = await self._admin(sender, uid) if scope == SYSTEM else None
+        await self.registry.register(uid, name, command, events, devices, scope, admin=admin)
 
     async def unregister_application(self, sender: str | None, name: str, options: dict[str, Variant]) -> None:
         check_options(options, {"system", "uid"})
@@ -156,18 +168,28 @@ class AgentBridge:
             owner = integer_option(options, "uid", uid, 0, 2**32 - 1)
             if scope == SYSTEM:
                 raise InvalidArgument("options system and uid cannot be combined")
-            if owner != uid and not self.registry.is_admin(uid):
+            if owner != uid and not await self._admin(sender, uid):
                 raise AccessDenied("only administrators may remove other users' applications")
             registration = self.registry.get(USER, owner, name)
             if registration is None:
                 raise NotFound(f"user {owner} has no application registered as {name[:80]!r}")
             await self.registry.unregister(owner, name, USER)
             return
-        await self.registry.unregister(uid, name, scope)
+        admin = await self._admin(sender, uid) if scope == SYSTEM else None
+        await self.registry.unregister(uid, name, scope, admin=admin)
 
     async def list_applications(self, sender: str | None) -> list[dict[str, Variant]]:
         uid = await self._uid(sender)
         return [self.describe(r, uid) for r in self.registry.visible_to(uid)]
 
     async def set_default(self, sender: str | None, device_id: str, event: str, application: str) -> None:
-        await self.registry.set_default(await self._uid(sender), device_id, event, application)
+        uid = await self._uid(sender)
+        try:
+            await self.registry.set_default(uid, device_id, event, application)
+        except AccessDenied:
+            # Someone else's default, or user:UID:NAME: only for those polkit lets manage.
+            authority = getattr(self.service, "authority", None)
+            if authority is None or authority.mode != "polkit":
+                raise
+            await authority.require(sender, MANAGE)
+            await self.registry.set_default(uid, device_id, event, application, admin=True)

@@ -24,13 +24,15 @@ from __future__ import annotations
 import contextvars
 import functools
 import inspect
+import os
 import select
 import socket
 from collections.abc import Callable
 from typing import Any
 
 import structlog
-from dbus_fast import DBusError, Message, MessageType
+from dbus_fast import DBusError, Message, MessageFlag, MessageType
+from dbus_fast.signature import get_signature_tree
 from dbus_fast.aio import MessageBus
 from dbus_fast.service import method as _dbus_method
 
@@ -140,13 +142,95 @@ class PatientSocket(socket.socket):
                     raise
 
 
+def _fd_indexes(signature: str, body: list[Any]) -> list[int]:
+    """Every ``h`` value (an index into the message's descriptors) in a body."""
+    found: list[int] = []
+
+    def walk(kind: Any, value: Any) -> None:
+        token = kind.token
+        if token == "h":
+            found.append(value)
+        elif token == "v":
+            walk(get_signature_tree(value.signature).types[0], value.value)
+        elif token.startswith("a{"):
+            key_kind, value_kind = kind.children[0].children
+            for k, v in value.items():
+                walk(key_kind, k)
+                walk(value_kind, v)
+        elif token.startswith("a"):
+            for item in value:
+                walk(kind.children[0], item)
+        elif token.startswith("("):
+            for child, item in zip(kind.children, value):
+                walk(child, item)
+
+    if "h" in signature:
+        for kind, value in zip(get_signature_tree(signature).types, body):
+            walk(kind, value)
+    return found
+
+
+def _close_all(fds: list[int]) -> None:
+    for fd in fds:
+        try:
+            os.close(fd)
+        except OSError:
+            pass
+
+
 class ServiceBus(MessageBus):
-    """A MessageBus with the repairs described in this module's docstring."""
+    """A MessageBus with the repairs described in this module's docstring.
+
+    Descriptors: a call that carries file descriptors hands them to its method
+    only if the method is registered in :attr:`fd_consumers` (and then the method
+    owns and closes them); for every other call — refused, unknown, or one that
+    simply takes no descriptor — they are closed once the call is dispatched.
+    A ``h`` index with no descriptor behind it is refused before dispatch, so it
+    can never be mistaken for one of the service's own descriptors.
+    """
 
     def __init__(self, bus_address: str | None = None, **kwargs: Any) -> None:
         super().__init__(bus_address=bus_address, negotiate_unix_fd=True, **kwargs)
         #: The one path that answers ObjectManager calls (see Service).
         self.object_manager_path = "/"
+        #: (interface, member, signature) of methods that take ownership of descriptors.
+        self.fd_consumers: set[tuple[str, str, str]] = set()
+        self.add_message_handler(self._remember_caller)
+
+    def _process_message(self, msg: Message) -> None:
+        if msg.message_type is not MessageType.METHOD_CALL:
+            super()._process_message(msg)
+            return
+        fds = list(msg.unix_fds)
+        try:
+            indexes = _fd_indexes(msg.signature, msg.body)
+        except Exception:
+            indexes = [-1]
+        if any(not isinstance(i, int) or not 0 <= i < len(fds) for i in indexes):
+            _close_all(fds)
+            if not msg.flags & MessageFlag.NO_REPLY_EXPECTED:
+                self.send(Message.new_error(msg, "org.freedesktop.DBus.Error.InvalidArgs",
+                                            "a file descriptor argument refers to no descriptor in the message"))
+            return
+        consumed = bool(indexes) and (msg.interface, msg.member, msg.signature) in self.fd_consumers
+        try:
+            super()._process_message(msg)
+        except DBusError as e:
+            # A refused call whose sender wants no reply: nothing to send, nothing to fear.
+            if not msg.flags & MessageFlag.NO_REPLY_EXPECTED:
+                raise
+            log.debug("refused a call that expects no reply", member=msg.member, error=e.type)
+        finally:
+            if fds and not consumed:
+                _close_all(fds)
+
+    def _future_exception_no_reply(self, fut: Any) -> None:
+        # An async method called without a reply expected: its refusal is no error.
+        self._pending_futures.discard(fut)
+        if not fut.cancelled() and isinstance(fut.exception(), DBusError):
+            log.debug("refused a call that expects no reply", error=fut.exception().type)
+            return
+        super()._future_exception_no_reply(fut)
         self.add_message_handler(self._remember_caller)
 
     @staticmethod
