@@ -56,9 +56,9 @@ class Mode(enum.Flag):
         try:
             return {"status": cls.STATUS, "data": cls.DATA, "both": cls.BOTH}[text]
         except KeyError:
-            from .errors import InvalidArgument
+            from .errors import InvalidArgument, quote
 
-            raise InvalidArgument(f"mode must be 'status', 'data' or 'both', not {text!r}") from None
+            raise InvalidArgument(f"mode must be 'status', 'data' or 'both', not {quote(text)}") from None
 
     @property
     def label(self) -> str:

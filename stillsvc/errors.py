@@ -59,6 +59,13 @@ class Cancelled(StillError):
     name = "Cancelled"
 
 
+def quote(value: object, limit: int = 64) -> str:
+    """A client's value for an error message: repr'd and cut short, so a huge
+    argument never comes back as a huge error."""
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 5] + "…" + text[-4:]
+
+
 ALL_ERRORS: tuple[type[StillError], ...] = (
     Failed,
     Busy,

@@ -23,7 +23,7 @@ from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from .errors import Disconnected, Failed, InvalidArgument
+from .errors import Disconnected, Failed, InvalidArgument, quote
 
 
 class Access(enum.Enum):
@@ -134,7 +134,7 @@ class PropertySpec:
     def check(self, value: Any) -> Any:
         value = self.check_type(value)
         if self.valid is not None and not self.valid.check(value):
-            raise InvalidArgument(f"invalid value {value!r} for property {self.name}: valid is {self.valid.describe()}")
+            raise InvalidArgument(f"invalid value {quote(value)} for property {self.name}: valid is {self.valid.describe()}")
         return value
 
 
@@ -376,7 +376,7 @@ def check_writes(app: AppItem, writes: Mapping[str, Any], dependent: set[str]) -
         spec = app.specs.get(name)
         if spec is None:
             known = ", ".join(sorted(app.specs))
-            raise InvalidArgument(f"item {app.name} has no property {name!r} (properties: {known})")
+            raise InvalidArgument(f"item {app.name} has no property {quote(name)} (properties: {known})")
         if spec.access is Access.READ:
             raise InvalidArgument(f"property {name} of item {app.name} is read-only")
         checked[name] = spec.check_type(value) if name in dependent else spec.check(value)

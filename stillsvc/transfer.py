@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING, Any
 import structlog
 
 from .driver import PageInfo
-from .errors import Cancelled, Failed, InvalidArgument, StillError
+from .errors import Cancelled, Failed, InvalidArgument, StillError, quote
 from .imaging import FORMATS, MULTIPAGE_FORMATS, ImageInfo, make_encoder
 
 if TYPE_CHECKING:
@@ -80,7 +80,7 @@ class Transfer:
     def __init__(self, device: Device, session: Session, app: AppItem, fd: int, fmt: str,
                  progress: Progress | None = None) -> None:
         if fmt not in FORMATS:
-            raise InvalidArgument(f"unknown format {fmt!r} (formats: {', '.join(FORMATS)})")
+            raise InvalidArgument(f"unknown format {quote(fmt)} (formats: {', '.join(FORMATS)})")
         self.device = device
         self.session = session
         self.app = app

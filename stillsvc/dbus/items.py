@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 from dbus_fast import PropertyAccess, Variant
 from dbus_fast.service import ServiceInterface, dbus_property, signal
 
-from ..errors import InvalidArgument, NotFound
+from ..errors import InvalidArgument, NotFound, quote
 from ..imaging import FORMATS
 from ..items import AppItem, describe_property
 from ..names import ITEM_IFACE, sanitise_id, session_path
@@ -108,7 +108,7 @@ class ItemInterface(ServiceInterface):
                 raise InvalidArgument(f"a transfer from item {app.name} is already running")
             fmt = format or app.values.get("format", "png")
             if fmt not in FORMATS:
-                raise InvalidArgument(f"unknown format {fmt!r} (formats: {', '.join(FORMATS)})")
+                raise InvalidArgument(f"unknown format {quote(fmt)} (formats: {', '.join(FORMATS)})")
             transfer = Transfer(self.session.device, self.session, app, fd, fmt, progress=self._progress)
         except BaseException:
             _close(fd)

@@ -6,7 +6,7 @@ from typing import Any
 
 from dbus_fast import Variant
 
-from ..errors import InvalidArgument
+from ..errors import InvalidArgument, quote
 
 _INT_SIGNATURES = frozenset("ynqiuxt")
 
@@ -70,4 +70,4 @@ def check_options(options: dict[str, Variant], known: set[str]) -> None:
     unknown = set(options) - known
     if unknown:
         allowed = ", ".join(sorted(known)) or "none"
-        raise InvalidArgument(f"unknown option {sorted(unknown)[0]!r} (known options: {allowed})")
+        raise InvalidArgument(f"unknown option {quote(sorted(unknown)[0])} (known options: {allowed})")
