@@ -5,7 +5,7 @@ from collections.abc import AsyncIterator, Iterator
 
 import pytest
 
-from helpers import Daemon, DBusDaemon, connect, wait_for_name
+from helpers import Daemon, DBusDaemon, connect
 
 if shutil.which("dbus-daemon") is None:  # pragma: no cover
     pytest.exit("dbus-daemon is required (Debian package 'dbus-daemon')", returncode=4)
@@ -34,13 +34,7 @@ async def daemon(request: pytest.FixtureRequest, bus_address: str, tmp_path) -> 
     extra = marker.args if marker else ()
     d = Daemon(bus_address, *extra, workdir=str(tmp_path))
     request.node._stillsvc_daemon = d
-    proc = d.start()
-    probe = await connect(bus_address)
-    try:
-        await wait_for_name(probe, proc=proc)
-    finally:
-        probe.disconnect()
-    yield d
+    yield await d.ready()
     d.stop()
 
 

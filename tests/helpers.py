@@ -71,6 +71,16 @@ class Daemon:
                                      cwd=str(REPO))
         return self.proc
 
+    async def ready(self) -> Daemon:
+        """Start the daemon and wait until it owns its name (or fail if it exits first)."""
+        proc = self.start()
+        probe = await connect(self.address)
+        try:
+            await wait_for_name(probe, proc=proc)
+        finally:
+            probe.disconnect()
+        return self
+
     @property
     def log(self) -> str:
         try:

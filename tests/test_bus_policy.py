@@ -45,7 +45,6 @@ from helpers import (
     call,
     connect,
     create_session,
-    wait_for_name,
 )
 
 SYSTEM_CONF = Path("/usr/share/dbus-1/system.conf")
@@ -110,13 +109,7 @@ def system_bus() -> Iterator[SystemBus]:
 async def service(request: pytest.FixtureRequest, system_bus: SystemBus, tmp_path: Path) -> AsyncIterator[Daemon]:
     d = Daemon(system_bus.address, "--authorization", "none", workdir=str(tmp_path))
     request.node._stillsvc_daemon = d
-    proc = d.start()
-    probe = await connect(system_bus.address)
-    try:
-        await wait_for_name(probe, proc=proc)
-    finally:
-        probe.disconnect()
-    yield d
+    yield await d.ready()
     d.stop()
 
 

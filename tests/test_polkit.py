@@ -57,13 +57,7 @@ async def polkitd(bus_address: str) -> AsyncIterator[subprocess.Popen[bytes]]:
 async def service(request, bus_address: str, polkitd, tmp_path) -> AsyncIterator[Daemon]:
     d = Daemon(bus_address, "--authorization", "polkit", workdir=str(tmp_path))
     request.node._stillsvc_daemon = d
-    proc = d.start()
-    probe = await connect(bus_address)
-    try:
-        await wait_for_name(probe, proc=proc)
-    finally:
-        probe.disconnect()
-    yield d
+    yield await d.ready()
     d.stop()
 
 
