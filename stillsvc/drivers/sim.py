@@ -13,6 +13,7 @@ counting every page this device has fed) selects the pattern's variant.
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -301,7 +302,8 @@ class SimulatedScanner(Minidriver):
             if button not in BUTTONS:
                 raise InvalidArgument(f"no button {button!r} (buttons: {', '.join(BUTTONS)})")
             self._check_connected()
-            self.host.emit_event(DeviceEvent(f"{button}-button", {"button": button}))
+            # The time stamp lets a benchmark measure from the driver to the client.
+            self.host.emit_event(DeviceEvent(f"{button}-button", {"button": button, "driver_time_ns": time.time_ns()}))
         elif action == "load_pages":
             count = arguments["count"]
             self._check_connected()
