@@ -9,9 +9,8 @@ its unicast ``EventQueued`` signal, ``--count`` times (default 1000). Two figure
 per press:
 
 * ``event -> signal``: from the time stamp the simulated driver puts on the event
-  when it raises it (``driver_time_ns`` in the event's data, read with
-  ``GetLastNotificationData()`` after the signal arrived) to the signal's arrival
-  at the client;
+  when it raises it (``timestamp_us`` of ``GetLastNotificationData()``, read after
+  the signal arrived) to the signal's arrival at the client;
 * ``press -> signal``: from sending ``PressButton`` to the signal's arrival (one
   more trip through the bus, into the service).
 
@@ -116,7 +115,7 @@ async def latency(address: str, device: str, count: int, warmup: int) -> dict[st
             if i >= warmup:
                 ping_ns.append(ping)
                 press_ns.append(arrival - sent)
-                event_ns.append(arrival - note["data"].value["driver_time_ns"].value)
+                event_ns.append(arrival - note["timestamp_us"].value * 1000)
         await call(bus, session, SESSION_IFACE, "Close")
         return {"event_to_signal": summary(event_ns), "press_to_signal": summary(press_ns),
                 "ping": summary(ping_ns)}

@@ -242,6 +242,13 @@ class Device:
             self.live_items.remove(item)
         self.log.debug("driver item destroyed", item=item.path)
 
+    def items_for(self, session: Session) -> AppItem | None:
+        """The session's application items, made on first use: a session that never
+        looks at items (a tray applet, the event monitor) costs none."""
+        if session.root_item is None and not session.closed and self.tree is not None and not self.tree.removed:
+            session.root_item = build_app_tree(self.tree)
+        return session.root_item
+
     def item_report(self) -> list[dict[str, Any]]:
         """The diagnostic view: every live driver item with its reference count."""
         return [{"path": i.path, "kind": i.kind, "refcount": i.refcount, "removed": i.removed}
@@ -292,7 +299,8 @@ class Device:
     # -- events -----------------------------------------------------------------
     def record_event(self, event: DeviceEvent) -> EventRecord:
         self.event_sequence += 1
-        return EventRecord(self.id, event.name, self.event_sequence, time.time(), dict(event.data))
+        when = event.time if event.time is not None else time.time()
+        return EventRecord(self.id, event.name, self.event_sequence, when, dict(event.data))
 
 
 class _Host:
@@ -500,8 +508,6 @@ class DeviceManager:
             if device.data_mode.holder is session:
                 device.data_mode.release(session)
             raise Disconnected(f"device {device_id} has been disconnected")
-        if device.tree is not None:
-            session.root_item = build_app_tree(device.tree)
         self.sessions[session.number] = session
         device.sessions.add(session)
         log.info("session opened", device=device_id, session=session.number, client=client.name, mode=mode.label)

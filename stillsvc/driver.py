@@ -110,10 +110,13 @@ class DeviceInfo:
 
 @dataclass(frozen=True)
 class DeviceEvent:
-    """An event as a driver reports it; the service adds sequence number and time."""
+    """An event as a driver reports it; the service adds the sequence number, and
+    the time when the driver gives none (``time``: seconds since the epoch, when
+    the driver saw it happen)."""
 
     name: str
     data: dict[str, Any] = field(default_factory=dict)
+    time: float | None = None
 
 
 @dataclass(frozen=True)

@@ -475,6 +475,13 @@ async def manager(tmp_path):
     await m.stop()
 
 
+async def open_with_items(manager: DeviceManager, mode: Mode, client: str):
+    """A session whose application items exist (they are made on first use)."""
+    session = await manager.create_session("sim0", mode, Client(client))
+    manager.devices["sim0"].items_for(session)
+    return session
+
+
 def report(manager: DeviceManager, device_id: str = "sim0") -> dict[tuple[str, int], dict]:
     return {(e["path"], e["generation"]): e for e in manager.item_report(device_id)}
 
@@ -483,10 +490,19 @@ def refcounts(manager: DeviceManager) -> dict[str, int]:
     return {e["path"]: e["refcount"] for e in manager.item_report("sim0")}
 
 
+async def test_application_items_are_made_on_first_use(manager):
+    session = await manager.create_session("sim0", Mode.STATUS, Client("c1"))
+    assert session.root_item is None
+    assert refcounts(manager) == {"Root": 1, "Root/Flatbed": 1, "Root/Feeder": 1}
+    root = manager.devices["sim0"].items_for(session)
+    assert root is session.root_item is manager.devices["sim0"].items_for(session)
+    assert refcounts(manager) == {"Root": 2, "Root/Flatbed": 2, "Root/Feeder": 2}
+
+
 async def test_manager_sessions_link_and_release_their_items(manager):
     assert refcounts(manager) == {"Root": 1, "Root/Flatbed": 1, "Root/Feeder": 1}
-    s1 = await manager.create_session("sim0", Mode.BOTH, Client("c1"))
-    s2 = await manager.create_session("sim0", Mode.STATUS, Client("c2"))
+    s1 = await open_with_items(manager, Mode.BOTH, "c1")
+    s2 = await open_with_items(manager, Mode.STATUS, "c2")
     assert [a.path for a in s1.root_item.walk()] == ["Root", "Root/Flatbed", "Root/Feeder"]
     assert s1.root_item is not s2.root_item
     assert refcounts(manager) == {"Root": 3, "Root/Flatbed": 3, "Root/Feeder": 3}
@@ -500,8 +516,8 @@ async def test_manager_sessions_link_and_release_their_items(manager):
 
 
 async def test_manager_write_properties_is_per_item_and_validated(manager):
-    s1 = await manager.create_session("sim0", Mode.STATUS, Client("c1"))
-    s2 = await manager.create_session("sim0", Mode.STATUS, Client("c2"))
+    s1 = await open_with_items(manager, Mode.STATUS, "c1")
+    s2 = await open_with_items(manager, Mode.STATUS, "c2")
     device = manager.get("sim0")
     flatbed1, flatbed2 = s1.root_item.children[0], s2.root_item.children[0]
     changed = await device.write_item_properties(flatbed1, {"resolution": 300})
@@ -515,8 +531,8 @@ async def test_manager_write_properties_is_per_item_and_validated(manager):
 
 
 async def test_manager_unplug_keeps_linked_items_until_the_last_session_closes(manager):
-    s1 = await manager.create_session("sim0", Mode.BOTH, Client("c1"))
-    s2 = await manager.create_session("sim0", Mode.STATUS, Client("c2"))
+    s1 = await open_with_items(manager, Mode.BOTH, "c1")
+    s2 = await open_with_items(manager, Mode.STATUS, "c2")
     device = manager.get("sim0")
     device.driver.connected = False
     await manager.remove_device("sim0", keep_driver=True)
@@ -541,7 +557,7 @@ async def test_manager_unplug_keeps_linked_items_until_the_last_session_closes(m
 
 
 async def test_manager_replug_shows_both_generations(manager):
-    s1 = await manager.create_session("sim0", Mode.STATUS, Client("c1"))
+    s1 = await open_with_items(manager, Mode.STATUS, "c1")
     driver = manager.get("sim0").driver
     driver.connected = False
     await manager.remove_device("sim0", keep_driver=True)
@@ -559,7 +575,7 @@ async def test_manager_replug_shows_both_generations(manager):
 
 async def test_manager_synchronize_removes_and_adds_items(manager):
     device = manager.get("sim0")
-    s1 = await manager.create_session("sim0", Mode.STATUS, Client("c1"))
+    s1 = await open_with_items(manager, Mode.STATUS, "c1")
     old_feeder = device.tree.children[1]
     device.driver.feeder_attached = False
     added, removed = await device.synchronize(s1)
@@ -568,7 +584,7 @@ async def test_manager_synchronize_removes_and_adds_items(manager):
     assert report(manager)[("Root/Feeder", 0)]["removed"] is True
     assert not s1.root_item.children[1].connected
     assert s1.root_item.children[0].connected
-    s2 = await manager.create_session("sim0", Mode.STATUS, Client("c2"))
+    s2 = await open_with_items(manager, Mode.STATUS, "c2")
     assert [a.path for a in s2.root_item.walk()] == ["Root", "Root/Flatbed"]
     device.driver.feeder_attached = True
     added, removed = await device.synchronize(s2)
@@ -583,7 +599,7 @@ async def test_manager_synchronize_removes_and_adds_items(manager):
 
 async def test_manager_synchronize_on_an_unplugged_device_is_disconnected(manager):
     device = manager.get("sim0")
-    s1 = await manager.create_session("sim0", Mode.STATUS, Client("c1"))
+    s1 = await open_with_items(manager, Mode.STATUS, "c1")
     device.driver.connected = False
     await manager.remove_device("sim0", keep_driver=True)
     with pytest.raises(Disconnected):
@@ -592,7 +608,7 @@ async def test_manager_synchronize_on_an_unplugged_device_is_disconnected(manage
 
 async def test_manager_unplug_during_a_transfer_fails_it_with_disconnected(manager):
     device = manager.get("sim0")
-    session = await manager.create_session("sim0", Mode.BOTH, Client("c1"))
+    session = await open_with_items(manager, Mode.BOTH, "c1")
     flatbed = session.root_item.children[0]
     await device.write_item_properties(flatbed, {"resolution": 600})
     r, w = os.pipe()
@@ -611,7 +627,7 @@ async def test_manager_unplug_during_a_transfer_fails_it_with_disconnected(manag
 
 async def test_manager_cancel_ends_a_transfer_with_cancelled(manager):
     device = manager.get("sim0")
-    session = await manager.create_session("sim0", Mode.BOTH, Client("c1"))
+    session = await open_with_items(manager, Mode.BOTH, "c1")
     flatbed = session.root_item.children[0]
     await device.write_item_properties(flatbed, {"resolution": 600})
     r, w = os.pipe()

@@ -172,7 +172,6 @@ class Service(Listener):
         self.bus.export(iface.path, iface)
         session.on_lock_revoked.append(self._lock_revoked)
         session.on_event.append(self._event_queued)
-        self._export_items(session)
         return iface.path
 
     def _export_items(self, session: Session) -> list[ItemInterface]:
@@ -193,7 +192,11 @@ class Service(Listener):
         return new
 
     def root_item_path(self, session: Session) -> str:
-        return item_path(session, session.root_item) if session.root_item is not None else "/"
+        root = session.device.items_for(session)
+        if root is None:
+            return "/"
+        self._export_items(session)
+        return item_path(session, root)
 
     def items_changed(self, device: Device) -> None:
         """Synchronize added items: export them, and tell each owner its parents' Children changed."""
