@@ -38,16 +38,13 @@ import asyncio
 import gc
 import json
 import os
-import shutil
 import signal
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
-from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 REPO = Path(__file__).resolve().parent.parent
 for _p in (REPO, REPO / "tests", REPO / "bench"):
@@ -57,8 +54,7 @@ for _p in (REPO, REPO / "tests", REPO / "bench"):
 from dbus_fast import DBusError, Message, MessageType, Variant  # noqa: E402
 from dbus_fast.aio import MessageBus  # noqa: E402
 
-from helpers import Daemon, DBusDaemon, connect, create_session, dbus_call, get_property, \
-    wait_for_name  # noqa: E402
+from helpers import connect, create_session, dbus_call, get_property  # noqa: E402
 from roundtrip import PEER, ensure_name, machine, percentile, service  # noqa: E402
 from stillsvc.names import BUS_NAME, DEVICE_IFACE, MANAGER_IFACE, ROOT_PATH, SESSION_IFACE, \
     device_path  # noqa: E402
@@ -91,41 +87,6 @@ async def main(address, device):
 
 asyncio.run(main(sys.argv[1], sys.argv[2]))
 """ % {"name": BUS_NAME, "root": ROOT_PATH, "manager": MANAGER_IFACE}
-
-
-# -- the service under test -------------------------------------------------------
-
-@contextmanager
-def private_service(address: str | None, *extra: str) -> Iterator[str]:
-    """Like roundtrip.service(), with extra arguments for stillsvc (here: --config)."""
-    if address or not extra:
-        with service(address) as addr:
-            yield addr
-        return
-    if shutil.which("dbus-daemon") is None:
-        sys.exit("locks: dbus-daemon is required to start a private bus (or give --address)")
-    workdir = tempfile.mkdtemp(prefix="stillsvc-bench-")
-    bus = DBusDaemon()
-    daemon = Daemon(bus.address, "--log-level", "info", *extra, workdir=workdir)
-    proc = daemon.start()
-    try:
-        async def ready() -> None:
-            probe = await connect(bus.address)
-            try:
-                await wait_for_name(probe, proc=proc)
-            finally:
-                probe.disconnect()
-
-        try:
-            asyncio.run(ready())
-        except Exception:
-            sys.stderr.write(daemon.log[-4000:])
-            raise
-        yield bus.address
-    finally:
-        daemon.stop()
-        bus.stop()
-        shutil.rmtree(workdir, ignore_errors=True)
 
 
 # -- small helpers ----------------------------------------------------------------
@@ -502,7 +463,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("counts must be positive, --warmup not negative")
 
     report: dict[str, Any] = {}
-    with private_service(args.address, "--config", str(CONFIG)) as address:
+    with service(args.address, "--config", str(CONFIG), name="locks") as address:
         if args.address:
             try:
                 asyncio.run(ensure_name(address))

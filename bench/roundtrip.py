@@ -124,28 +124,21 @@ def summarise(samples_ns: list[int]) -> dict[str, float]:
 # -- the service under test -------------------------------------------------------
 
 @contextmanager
-def service(address: str | None) -> Iterator[str]:
-    """Yield a bus address on which stillsvc answers: the given one, or a private bus."""
+def service(address: str | None, *extra: str, name: str = "roundtrip") -> Iterator[str]:
+    """Yield a bus address on which stillsvc answers: the given one, or a private bus
+    with stillsvc started on it (``extra``: more arguments for stillsvc)."""
     if address:
         yield address
         return
     if shutil.which("dbus-daemon") is None:
-        sys.exit("roundtrip: dbus-daemon is required to start a private bus (or give --address)")
+        sys.exit(f"{name}: dbus-daemon is required to start a private bus (or give --address)")
     workdir = tempfile.mkdtemp(prefix="stillsvc-bench-")
     bus = DBusDaemon()
     # The daemon at its default log level (the helper's default is debug).
-    daemon = Daemon(bus.address, "--log-level", "info", workdir=workdir)
-    proc = daemon.start()
+    daemon = Daemon(bus.address, "--log-level", "info", *extra, workdir=workdir)
     try:
-        async def ready() -> None:
-            probe = await connect(bus.address)
-            try:
-                await wait_for_name(probe, proc=proc)
-            finally:
-                probe.disconnect()
-
         try:
-            asyncio.run(ready())
+            asyncio.run(daemon.ready())
         except Exception:
             sys.stderr.write(daemon.log[-4000:])
             raise
