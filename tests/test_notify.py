@@ -5,6 +5,9 @@ from __future__ import annotations
 import asyncio
 import signal
 import socket
+from collections.abc import Iterator
+
+import pytest
 
 from helpers import Daemon, wait_until
 
@@ -24,12 +27,21 @@ async def receive(sock: socket.socket, wanted: str, timeout: float = 10.0) -> li
     return seen
 
 
-async def test_ready_watchdog_and_stopping_are_sent(bus_address, tmp_path):
+@pytest.fixture
+def notify(tmp_path) -> Iterator[tuple[socket.socket, dict[str, str]]]:
+    """A socket in systemd's place, and the environment that points the daemon at it
+    (with a 200 ms watchdog)."""
     path = str(tmp_path / "notify")
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
     sock.bind(path)
     sock.setblocking(False)
-    d = Daemon(bus_address, workdir=str(tmp_path / "d"), env={"NOTIFY_SOCKET": path, "WATCHDOG_USEC": "200000"})
+    yield sock, {"NOTIFY_SOCKET": path, "WATCHDOG_USEC": "200000"}
+    sock.close()
+
+
+async def test_ready_watchdog_and_stopping_are_sent(bus_address, tmp_path, notify):
+    sock, env = notify
+    d = Daemon(bus_address, workdir=str(tmp_path / "d"), env=env)
     try:
         d.start()
         ready = await receive(sock, "READY=1")
@@ -43,15 +55,11 @@ async def test_ready_watchdog_and_stopping_are_sent(bus_address, tmp_path):
         assert d.stop() == 0
     finally:
         d.stop()
-        sock.close()
 
 
-async def test_a_stopped_loop_sends_no_pings(bus_address, tmp_path):
-    path = str(tmp_path / "notify")
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-    sock.bind(path)
-    sock.setblocking(False)
-    d = Daemon(bus_address, workdir=str(tmp_path / "d"), env={"NOTIFY_SOCKET": path, "WATCHDOG_USEC": "200000"})
+async def test_a_stopped_loop_sends_no_pings(bus_address, tmp_path, notify):
+    sock, env = notify
+    d = Daemon(bus_address, workdir=str(tmp_path / "d"), env=env)
     try:
         d.start()
         await receive(sock, "WATCHDOG=1")
@@ -72,4 +80,3 @@ async def test_a_stopped_loop_sends_no_pings(bus_address, tmp_path):
         await receive(sock, "WATCHDOG=1")  # and it resumes
     finally:
         d.stop()
-        sock.close()
