@@ -35,19 +35,19 @@ import os
 import platform
 import statistics
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
 REPO = Path(__file__).resolve().parent.parent
-for _p in (REPO, REPO / "tests"):
+for _p in (REPO, REPO / "tests", REPO / "bench"):
     if str(_p) not in sys.path:
         sys.path.insert(0, str(_p))
 
 from dbus_fast import Message, MessageType  # noqa: E402
 
-from helpers import Daemon, DBusDaemon, connect, create_session, wait_for_name  # noqa: E402
+from helpers import call, connect, create_session  # noqa: E402
+from roundtrip import percentile, service  # noqa: E402
 from stillsvc.names import BUS_NAME, ROOT_PATH, SESSION_IFACE, SIMULATOR_IFACE, device_path  # noqa: E402
 
 TARGET_P99_MS = 5.0
@@ -55,25 +55,10 @@ TARGET_IDLE_MS = 10.0
 TIMEOUT = 10.0
 
 
-def percentile(values: list[float], p: float) -> float:
-    ordered = sorted(values)
-    index = min(len(ordered) - 1, max(0, round(p / 100 * (len(ordered) - 1))))
-    return ordered[index]
-
-
 def summary(values_ns: list[int]) -> dict[str, float]:
-    ms = [v / 1e6 for v in values_ns]
+    ms = sorted(v / 1e6 for v in values_ns)
     return {"p50_ms": round(percentile(ms, 50), 4), "p99_ms": round(percentile(ms, 99), 4),
             "mean_ms": round(statistics.fmean(ms), 4), "max_ms": round(max(ms), 4), "count": len(ms)}
-
-
-async def call(bus: Any, path: str, interface: str, member: str, signature: str = "",
-               body: list[Any] | None = None, destination: str = BUS_NAME) -> list[Any]:
-    reply = await asyncio.wait_for(bus.call(Message(destination=destination, path=path, interface=interface,
-                                                    member=member, signature=signature, body=body or [])), TIMEOUT)
-    if reply.message_type is MessageType.ERROR:
-        raise RuntimeError(f"{member}: {reply.error_name}: {reply.body}")
-    return reply.body
 
 
 def cpu_and_switches(pid: int) -> tuple[float, int]:
@@ -139,33 +124,13 @@ async def idle(address: str, pid: int | None, seconds: float) -> dict[str, Any]:
     return {"seconds": seconds, "cpu_ms": round((cpu1 - cpu0) * 1000, 1), "context_switches": sw1 - sw0}
 
 
-async def run(args: argparse.Namespace) -> dict[str, Any]:
-    bus_daemon = daemon = None
-    address, pid = args.address, None
-    if address is None:
-        bus_daemon = DBusDaemon()
-        address = bus_daemon.address
-        daemon = Daemon(address, workdir=tempfile.mkdtemp(prefix="stillsvc-bench-"))
-        daemon.args[daemon.args.index("--log-level") + 1] = "info"
-        proc = daemon.start()
-        pid = proc.pid
-        probe = await connect(address)
-        try:
-            await wait_for_name(probe, proc=proc)
-        finally:
-            probe.disconnect()
-    try:
-        result: dict[str, Any] = {"python": platform.python_version(), "machine": platform.machine(),
-                                  "cpus": os.cpu_count()}
-        result["latency"] = await latency(address, args.device, args.count, args.warmup)
-        if args.idle > 0:
-            result["idle"] = await idle(address, pid, args.idle)
-        return result
-    finally:
-        if daemon is not None:
-            daemon.stop()
-        if bus_daemon is not None:
-            bus_daemon.stop()
+async def run(args: argparse.Namespace, address: str) -> dict[str, Any]:
+    result: dict[str, Any] = {"python": platform.python_version(), "machine": platform.machine(),
+                              "cpus": os.cpu_count()}
+    result["latency"] = await latency(address, args.device, args.count, args.warmup)
+    if args.idle > 0:
+        result["idle"] = await idle(address, None, args.idle)
+    return result
 
 
 def main() -> None:
@@ -177,7 +142,8 @@ def main() -> None:
     parser.add_argument("--idle", type=float, default=30.0, help="seconds of idleness to measure (0: skip)")
     parser.add_argument("--json", action="store_true", help="one JSON document")
     args = parser.parse_args()
-    result = asyncio.run(run(args))
+    with service(args.address, name="events") as address:
+        result = asyncio.run(run(args, address))
     if args.json:
         print(json.dumps(result, indent=2))
         return

@@ -55,7 +55,7 @@ from dbus_fast import DBusError, Message, MessageType, Variant  # noqa: E402
 from dbus_fast.aio import MessageBus  # noqa: E402
 
 from helpers import connect, create_session, dbus_call, get_property  # noqa: E402
-from roundtrip import PEER, ensure_name, machine, percentile, service  # noqa: E402
+from roundtrip import PEER, ensure_name, machine, percentile, service, table  # noqa: E402
 from stillsvc.names import BUS_NAME, DEVICE_IFACE, MANAGER_IFACE, ROOT_PATH, SESSION_IFACE, \
     device_path  # noqa: E402
 
@@ -393,18 +393,6 @@ def targets(report: dict[str, Any]) -> list[dict[str, Any]]:
     out.append({"what": f"GetStatus median with/without {n} sessions ≤ {TARGET_STATUS_RATIO}",
                 "value": f"{r:.2f}", "met": m["sessions_opened"] == n and r <= TARGET_STATUS_RATIO})
     return out
-
-
-def table(headers: list[str], rows: list[list[str]]) -> None:
-    widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(headers)]
-
-    def line(cells: list[str]) -> str:
-        return "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths)))
-
-    print(line(headers))
-    print("  ".join("-" * w for w in widths))
-    for r in rows:
-        print(line(r))
 
 
 def print_report(report: dict[str, Any]) -> None:

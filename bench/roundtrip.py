@@ -121,6 +121,20 @@ def summarise(samples_ns: list[int]) -> dict[str, float]:
     }
 
 
+# -- output -----------------------------------------------------------------------
+
+def table(headers: list[str], rows: list[list[str]]) -> None:
+    widths = [max(len(h), *(len(row[i]) for row in rows)) for i, h in enumerate(headers)]
+
+    def line(cells: list[str]) -> str:
+        return "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths)))
+
+    print(line(headers))
+    print("  ".join("-" * w for w in widths))
+    for row in rows:
+        print(line(row))
+
+
 # -- the service under test -------------------------------------------------------
 
 @contextmanager

@@ -48,7 +48,7 @@ from dbus_fast import DBusError, Message, MessageType, Variant  # noqa: E402
 from dbus_fast.aio import MessageBus  # noqa: E402
 
 from helpers import call, connect, create_session, get_property  # noqa: E402
-from roundtrip import ensure_name, machine, percentile, service  # noqa: E402
+from roundtrip import ensure_name, machine, percentile, service, table  # noqa: E402
 from stillsvc.names import BUS_NAME, ITEM_IFACE, SESSION_IFACE  # noqa: E402
 
 READ_SIZE = 1 << 20  # the reader's os.read size, for transfers and copies alike
@@ -339,18 +339,6 @@ async def format_table(bus: MessageBus, item: str, repeat: int, mode: str, size:
 
 
 # -- output ---------------------------------------------------------------------
-
-def table(headers: list[str], rows: list[list[str]]) -> None:
-    widths = [max(len(h), *(len(row[i]) for row in rows)) for i, h in enumerate(headers)]
-
-    def line(cells: list[str]) -> str:
-        return "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths)))
-
-    print(line(headers))
-    print("  ".join("-" * w for w in widths))
-    for row in rows:
-        print(line(row))
-
 
 def print_report(report: dict[str, Any]) -> None:
     p = report["page"]
