@@ -170,7 +170,8 @@ def _fd_indexes(signature: str, body: list[Any]) -> list[int]:
     return found
 
 
-def _close_all(fds: list[int]) -> None:
+def close_fds(fds: list[int]) -> None:
+    """Close descriptors that are ours to close, ignoring ones already gone."""
     for fd in fds:
         try:
             os.close(fd)
@@ -207,7 +208,7 @@ class ServiceBus(MessageBus):
         except Exception:
             indexes = [-1]
         if any(not isinstance(i, int) or not 0 <= i < len(fds) for i in indexes):
-            _close_all(fds)
+            close_fds(fds)
             if not msg.flags & MessageFlag.NO_REPLY_EXPECTED:
                 self.send(Message.new_error(msg, "org.freedesktop.DBus.Error.InvalidArgs",
                                             "a file descriptor argument refers to no descriptor in the message"))
@@ -222,7 +223,7 @@ class ServiceBus(MessageBus):
             log.debug("refused a call that expects no reply", member=msg.member, error=e.type)
         finally:
             if fds and not consumed:
-                _close_all(fds)
+                close_fds(fds)
 
     def _future_exception_no_reply(self, fut: Any) -> None:
         # An async method called without a reply expected: its refusal is no error.

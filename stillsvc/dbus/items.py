@@ -7,7 +7,6 @@ property changes) go to that connection alone.
 
 from __future__ import annotations
 
-import os
 from typing import TYPE_CHECKING, Any
 
 from dbus_fast import PropertyAccess, Variant
@@ -18,7 +17,7 @@ from ..imaging import FORMATS
 from ..items import AppItem, describe_property
 from ..names import ITEM_IFACE, sanitise_id, session_path
 from ..transfer import Transfer
-from .bus import caller, method
+from .bus import caller, close_fds, method
 from .variants import check_options, from_variant, to_vardict
 
 if TYPE_CHECKING:
@@ -111,7 +110,7 @@ class ItemInterface(ServiceInterface):
                 raise InvalidArgument(f"unknown format {quote(fmt)} (formats: {', '.join(FORMATS)})")
             transfer = Transfer(self.session.device, self.session, app, fd, fmt, progress=self._progress)
         except BaseException:
-            _close(fd)
+            close_fds([fd])
             raise
         fd = -1  # the transfer owns it now
         self.transfer = transfer
@@ -142,12 +141,3 @@ class ItemInterface(ServiceInterface):
     @signal()
     def Progress(self) -> "uut":  # pragma: no cover - sent with unicast_signal
         raise NotImplementedError
-
-
-def _close(fd: int) -> None:
-    try:
-        os.close(fd)
-    except OSError:
-        pass
-
-
