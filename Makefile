@@ -7,15 +7,24 @@
 #   make check-units       systemd-analyze verify on the units
 #
 # Variables: DESTDIR (staging root, empty for the live system), PREFIX or
-# prefix (/usr), bindir ($(prefix)/bin, where the commands are), sysconfdir
-# (/etc), and each target folder below. Keep PREFIX=/usr for a working system:
-# D-Bus, polkit and udev read their files from /usr only (and /etc).
+# prefix (/usr), bindir (where the commands are, see below), sysconfdir
+# (/etc), PYTHON (python3), PIP_FLAGS (extra pip options), and each target
+# folder below. Keep PREFIX=/usr for a working system: D-Bus, polkit and udev
+# read their files from /usr only (and /etc).
 #
 # `make install` leaves the Python package alone because a distribution
 # package installs that itself (Debian: pybuild); `make install-python` does
-# it with pip for everyone else. Nothing goes into sysconfdir: every file here
-# is a vendor file, which administrators override in /etc. sysconfdir and
-# bindir are written into the installed units' ExecStart= and comments.
+# it with pip for everyone else, with its dependencies. Nothing goes into
+# sysconfdir: every file here is a vendor file, which administrators override
+# in /etc. sysconfdir and bindir are written into the installed units'
+# ExecStart= and comments.
+#
+# bindir: a package build (DESTDIR set) has its commands in $(exec_prefix)/bin.
+# On the live system they are where `make install-python` puts them, the
+# scripts folder of $(PYTHON): <venv>/bin for a virtual environment,
+# /usr/local/bin for Debian's own python3. So `make install-python install
+# PYTHON=/opt/stillsvc/bin/python3` gives units that run
+# /opt/stillsvc/bin/stillsvc. Set bindir= to say otherwise.
 #
 # After installing on a live system: systemd-sysusers, systemctl daemon-reload,
 # udevadm control --reload (see README.md, "Installing as a system service").
@@ -23,7 +32,15 @@
 PREFIX ?= /usr
 prefix ?= $(PREFIX)
 exec_prefix ?= $(prefix)
-bindir ?= $(exec_prefix)/bin
+PYTHON ?= python3
+PIP_FLAGS ?=
+ifeq ($(origin bindir),undefined)
+ifeq ($(DESTDIR),)
+bindir := $(shell $(PYTHON) -c 'import sysconfig; print(sysconfig.get_path("scripts"))')
+else
+bindir := $(exec_prefix)/bin
+endif
+endif
 datadir ?= $(prefix)/share
 sysconfdir ?= /etc
 
@@ -37,7 +54,6 @@ dbussystemservicesdir ?= $(datadir)/dbus-1/system-services
 dbusinterfacesdir ?= $(datadir)/dbus-1/interfaces
 polkitactionsdir ?= $(datadir)/polkit-1/actions
 
-PYTHON ?= python3
 SYSTEMD_ANALYZE ?= systemd-analyze
 INSTALL ?= install
 INSTALL_DATA ?= $(INSTALL) -m 0644
@@ -91,9 +107,14 @@ uninstall:
 	rm -f $(addprefix $(DESTDIR)$(udevrulesdir)/,$(notdir $(UDEV_RULES)))
 	rm -f $(DESTDIR)$(polkitactionsdir)/$(BUS_NAME).policy
 
+# Into $(PYTHON)'s own folders (its default install scheme), so the commands
+# land in the bindir above. A Python that the distribution manages refuses
+# (PEP 668, Debian 12): use a virtual environment (README.md), or
+# PIP_FLAGS=--break-system-packages to install below /usr/local anyway.
 # pip cannot uninstall from a staging root; on a live system: pip uninstall stillsvc.
 install-python:
-	$(PYTHON) -m pip install $(if $(DESTDIR),--root=$(DESTDIR)) --prefix=$(prefix) --no-deps .
+	$(PYTHON) -m pip install $(PIP_FLAGS) $(if $(DESTDIR),--root=$(DESTDIR)) .
+	@echo "stillsvc and stillctl are in $(bindir)"
 
 # systemd-analyze verify fails a unit whose ExecStart= names a file that does
 # not exist or is not executable ("Command /usr/bin/stillsvc is not

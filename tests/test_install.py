@@ -106,6 +106,11 @@ def test_installed_files_agree_with_each_other() -> None:
     assert "User=stillsvc\n" in unit and "User=stillsvc\n" in activation
     assert '<policy user="stillsvc">' in policy and f'<allow own="{BUS_NAME}"/>' in policy
     assert re.search(r"^u stillsvc ", sysusers, re.M)
+    # polkit answers the service's checks about its clients only if each action
+    # names the service's user as an owner
+    actions = re.findall(r"<action id=.*?</action>", POLICY.read_text(), re.S)
+    assert actions and all(
+        '<annotate key="org.freedesktop.policykit.owner">unix-user:stillsvc</annotate>' in a for a in actions)
 
 
 needs_analyze = pytest.mark.skipif(shutil.which("systemd-analyze") is None,

@@ -111,8 +111,12 @@ class Authority:
             log.error("polkit check failed", client=sender, action=action, error=str(e))
             raise AccessDenied(f"not authorized for {action}: the authorization service failed") from None
         if reply.message_type is MessageType.ERROR:
-            log.warning("polkit refused to answer", client=sender, action=action, error=reply.error_name)
-            raise AccessDenied(f"not authorized for {action}: the authorization service is not available")
+            # e.g. ServiceUnknown (no polkitd), or polkit's "Only trusted callers ..."
+            # when the action does not name the service's user as its owner
+            text = reply.body[0] if reply.body and isinstance(reply.body[0], str) else ""
+            log.warning("polkit refused to answer", client=sender, action=action, error=reply.error_name,
+                        text=text)
+            raise AccessDenied(f"not authorized for {action}: the authorization service did not answer")
         authorized, challenge, _details = reply.body[0]
         if not authorized:
             log.info("not authorized", client=sender, action=action, challenge=challenge)
