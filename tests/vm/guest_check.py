@@ -345,6 +345,36 @@ def _():
     return "vmcheck" in proc.stdout, f"state folder {files}"
 
 
+AGENT_LAUNCHED = "/tmp/stillsvc-vm-agent-launched"
+
+
+@check("alice's agent (the stillsvc-agent user unit) starts her application on a button press",
+       "systemd/stillsvc-agent.service")
+def _():
+    run("systemctl", "--global", "enable", "stillsvc-agent.service", check=True)
+    run("loginctl", "enable-linger", "alice", check=True)  # starts her user manager without a login
+    user_env = {"XDG_RUNTIME_DIR": "/run/user/1000"}
+
+    def agent_state():
+        return run("systemctl", "--user", "is-active", "stillsvc-agent.service", user="alice", env=user_env
+                   ).stdout.strip()
+    wait_for("alice's stillsvc-agent.service active", lambda: agent_state() == "active", 90)
+    proc = stillctl("register", "photos", "--events", "copy-button", "--",
+                    "/bin/sh", "-c", f"echo %d %e $(id -un) > {AGENT_LAUNCHED}", user="alice")
+    if proc.returncode != 0:
+        return False, proc.stderr.strip()
+    # the agent registers with the service when it starts; it may still be on its way
+    def pressed_and_launched():
+        run("busctl", "--system", "call", BUS_NAME, SIM_PATH, SIMULATOR, "PressButton", "s", "copy", check=True)
+        try:
+            return wait_for(AGENT_LAUNCHED, lambda: Path(AGENT_LAUNCHED).exists()
+                            and Path(AGENT_LAUNCHED).read_text().strip(), 5)
+        except TimeoutError:
+            return ""
+    text = wait_for("the application started by alice's agent", pressed_and_launched, 60, interval=0)
+    return text == "sim0 copy-button alice", f"agent {agent_state()}; the application wrote {text!r}"
+
+
 # --- watchdog and restarts ------------------------------------------------------------
 
 DROP_IN = RUNTIME_UNITS / f"{UNIT}.d" / "vmcheck-watchdog.conf"
