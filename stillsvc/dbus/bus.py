@@ -21,13 +21,14 @@ would otherwise send from the child's path instead of the manager's.
 
 from __future__ import annotations
 
+import contextlib
 import contextvars
 import functools
 import inspect
 import os
 import select
 import socket
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import structlog
@@ -66,6 +67,20 @@ def _internal_error(fn: Callable[..., Any], e: Exception) -> DBusError:
     return DBusError(error_name("Failed"), "internal error in the service; the details are in its log")
 
 
+@contextlib.contextmanager
+def _errors_mapped(fn: Callable[..., Any]) -> Iterator[None]:
+    """What a method raises, as the D-Bus error its caller gets: StillError as
+    its own name, DBusError as it is, anything else as Error.Failed (logged)."""
+    try:
+        yield
+    except StillError as e:
+        raise to_dbus_error(e) from None
+    except DBusError:
+        raise
+    except Exception as e:
+        raise _internal_error(fn, e) from None
+
+
 def _authority(interface: Any) -> Any:
     return getattr(getattr(interface, "service", None), "authority", None)
 
@@ -80,23 +95,17 @@ def method(name: str | None = None) -> Callable[[Callable[..., Any]], Any]:
 
             @functools.wraps(fn)
             async def wrapper(*args: Any) -> Any:
-                try:
+                with _errors_mapped(fn):
                     authority = _authority(args[0])
                     if authority is not None:
                         await authority.check(caller(), args[0].name, member)
                     return await fn(*args)
-                except StillError as e:
-                    raise to_dbus_error(e) from None
-                except DBusError:
-                    raise
-                except Exception as e:
-                    raise _internal_error(fn, e) from None
 
         else:
 
             @functools.wraps(fn)
             def wrapper(*args: Any) -> Any:
-                try:
+                with _errors_mapped(fn):
                     authority = _authority(args[0])
                     if authority is not None:
                         # Methods that need polkit are coroutines; these need no check.
@@ -104,12 +113,6 @@ def method(name: str | None = None) -> Callable[[Callable[..., Any]], Any]:
                         if rule not in (PUBLIC, OWNER) and authority.mode != "none":
                             raise RuntimeError(f"{member} needs {rule} but is not a coroutine")
                     return fn(*args)
-                except StillError as e:
-                    raise to_dbus_error(e) from None
-                except DBusError:
-                    raise
-                except Exception as e:
-                    raise _internal_error(fn, e) from None
 
         return _dbus_method(name=name)(wrapper)
 
