@@ -36,7 +36,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import gc
-import json
 import os
 import signal
 import statistics
@@ -44,6 +43,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 
 REPO = Path(__file__).resolve().parent.parent
@@ -55,7 +55,7 @@ from dbus_fast import DBusError, Message, MessageType, Variant  # noqa: E402
 from dbus_fast.aio import MessageBus  # noqa: E402
 
 from helpers import connect, create_session, dbus_call, get_property  # noqa: E402
-from roundtrip import PEER, ensure_name, machine, percentile, service, table  # noqa: E402
+from roundtrip import PEER, Timed, emit, interleaved, percentile, service, table  # noqa: E402
 from stillsvc.names import BUS_NAME, DEVICE_IFACE, MANAGER_IFACE, ROOT_PATH, SESSION_IFACE, \
     device_path  # noqa: E402
 
@@ -170,25 +170,7 @@ async def lock_roundtrip(address: str, device: str, count: int, block: int, warm
             await rt(bus, msg(session, SESSION_IFACE, "UnlockDevice"))
             return clock() - t0
 
-        kinds = {"Ping": ping, "LockDevice+UnlockDevice": pair}
-        for fn in kinds.values():
-            for _ in range(warmup):
-                await fn()
-        samples: dict[str, list[int]] = {k: [] for k in kinds}
-        names = list(kinds)
-        gc.collect()
-        gc.disable()
-        try:
-            r = 0
-            while any(len(v) < count for v in samples.values()):
-                for name in (names if r % 2 == 0 else names[::-1]):
-                    fn = kinds[name]
-                    for _ in range(min(block, count - len(samples[name]))):
-                        samples[name].append(await fn())
-                r += 1
-                gc.collect()
-        finally:
-            gc.enable()
+        samples, _ = await interleaved({"Ping": ping, "LockDevice+UnlockDevice": pair}, count, block, warmup)
     finally:
         await close_session(bus, session)
         bus.disconnect()
@@ -284,28 +266,15 @@ def vm_rss_kb(pid: int) -> int | None:
 
 
 async def status_latency(bus: MessageBus, session: str, count: int, block: int, warmup: int) -> dict[str, Any]:
-    makers = {"GetStatus": lambda: msg(session, SESSION_IFACE, "GetStatus"),
-              "Ping": lambda: msg(ROOT_PATH, PEER, "Ping")}
-    for make in makers.values():
-        for _ in range(warmup):
+    def timed(make: Callable[[], Message]) -> Timed:
+        async def once() -> int:
+            t0 = clock()
             await rt(bus, make())
-    samples: dict[str, list[int]] = {k: [] for k in makers}
-    names = list(makers)
-    gc.collect()
-    gc.disable()
-    try:
-        r = 0
-        while any(len(v) < count for v in samples.values()):
-            for name in (names if r % 2 == 0 else names[::-1]):
-                make = makers[name]
-                for _ in range(min(block, count - len(samples[name]))):
-                    t0 = clock()
-                    await rt(bus, make())
-                    samples[name].append(clock() - t0)
-            r += 1
-            gc.collect()
-    finally:
-        gc.enable()
+            return clock() - t0
+        return once
+
+    samples, _ = await interleaved({"GetStatus": timed(lambda: msg(session, SESSION_IFACE, "GetStatus")),
+                                    "Ping": timed(lambda: msg(ROOT_PATH, PEER, "Ping"))}, count, block, warmup)
     return {k: summary_ms(v) for k, v in samples.items()}
 
 
@@ -452,23 +421,13 @@ def main(argv: list[str] | None = None) -> int:
 
     report: dict[str, Any] = {}
     with service(args.address, "--config", str(CONFIG), name="locks") as address:
-        if args.address:
-            try:
-                asyncio.run(ensure_name(address))
-            except Exception as e:
-                sys.exit(f"locks: no {BUS_NAME} on {address}: {type(e).__name__}: {e}")
         report["lock"] = asyncio.run(lock_roundtrip(address, args.device, args.count, args.block, args.warmup))
         report["handover_close"] = asyncio.run(handover_close(address, args.device, args.handovers))
         report["handover_kill"] = asyncio.run(handover_kill(address, args.device, args.kills))
         report["sessions"] = asyncio.run(many_sessions(address, args.device, args.sessions, args.clients,
                                                        args.count, args.block, args.warmup))
     report["targets"] = targets(report)
-    report["machine"] = machine()
-    report["private_bus"] = args.address is None
-    if args.json:
-        print(json.dumps(report, indent=2))
-    else:
-        print_report(report)
+    emit(report, args.address is None, args.json, print_report)
     return 0
 
 

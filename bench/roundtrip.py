@@ -39,8 +39,9 @@ import statistics
 import sys
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from contextlib import contextmanager
+from importlib import metadata
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -142,6 +143,10 @@ def service(address: str | None, *extra: str, name: str = "roundtrip") -> Iterat
     """Yield a bus address on which stillsvc answers: the given one, or a private bus
     with stillsvc started on it (``extra``: more arguments for stillsvc)."""
     if address:
+        try:
+            asyncio.run(ensure_name(address))
+        except Exception as e:
+            sys.exit(f"{name}: no {BUS_NAME} on {address}: {type(e).__name__}: {e}")
         yield address
         return
     if shutil.which("dbus-daemon") is None:
@@ -174,9 +179,49 @@ async def ensure_name(address: str) -> None:
 # -- latency mode -----------------------------------------------------------------
 
 def block_order(names: list[str], round_number: int) -> list[str]:
-    k = round_number % len(names)
+    """The order of the blocks in a round: rotated every other round and reversed
+    on odd rounds, so every kind spends as long at each place (for two kinds:
+    ab, ba, ba, ab, ...)."""
+    k = (round_number // 2) % len(names)
     order = names[k:] + names[:k]
     return order[::-1] if round_number % 2 else order
+
+
+Timed = Callable[[], Awaitable[int]]
+
+
+async def interleaved(kinds: dict[str, Timed], count: int, block: int,
+                      warmup: int) -> tuple[dict[str, list[int]], list[dict[str, float]]]:
+    """Time each kind ``count`` times, in blocks of ``block`` that take turns
+    (:func:`block_order`), after ``warmup`` untimed runs of each (caches, code
+    paths, the bus daemon's buffers). Each kind runs once and returns the
+    nanoseconds it took. The garbage collector runs between rounds only.
+    Returns the samples of each kind and, per round, the median of each
+    kind's block: how steady a ratio is from round to round."""
+    for fn in kinds.values():
+        for _ in range(warmup):
+            await fn()
+    names = list(kinds)
+    samples: dict[str, list[int]] = {name: [] for name in names}
+    round_medians: list[dict[str, float]] = []
+    gc.collect()
+    gc.disable()
+    try:
+        r = 0
+        while any(len(v) < count for v in samples.values()):
+            this_round: dict[str, float] = {}
+            for name in block_order(names, r):
+                fn = kinds[name]
+                got = [await fn() for _ in range(min(block, count - len(samples[name])))]
+                if got:
+                    samples[name].extend(got)
+                    this_round[name] = statistics.median(got)
+            round_medians.append(this_round)
+            r += 1
+            gc.collect()  # outside the timed blocks
+    finally:
+        gc.enable()
+    return samples, round_medians
 
 
 async def latency(address: str, count: int, block: int, warmup: int, device: str,
@@ -187,40 +232,20 @@ async def latency(address: str, count: int, block: int, warmup: int, device: str
         if with_status:
             session = await create_session(bus, device, "status")
         table = method_table(device, session)
-        makers = {name: make for name, _, make in table}
-        names = [name for name, _, _ in table]
-
-        for name in names:  # warm-up: caches, code paths, the bus daemon's buffers
-            for _ in range(warmup):
-                await roundtrip(bus, makers[name])
-
-        samples: dict[str, list[int]] = {name: [] for name in names}
-        # per round, the median of each method's block: to show how steady the ratio is
-        round_medians: list[dict[str, float]] = []
         clock = time.perf_counter_ns
-        rounds = math.ceil(count / block)
-        gc.collect()
-        gc.disable()
-        try:
-            for r in range(rounds):
-                this_round: dict[str, float] = {}
-                for name in block_order(names, r):
-                    n = min(block, count - len(samples[name]))
-                    make = makers[name]
-                    got = []
-                    for _ in range(n):
-                        t0 = clock()
-                        reply = await bus.call(make())
-                        t1 = clock()
-                        if reply.message_type is MessageType.ERROR:
-                            raise DBusError(reply.error_name, reply.body[0] if reply.body else "")
-                        got.append(t1 - t0)
-                    samples[name].extend(got)
-                    this_round[name] = statistics.median(got)
-                round_medians.append(this_round)
-                gc.collect()  # outside the timed blocks
-        finally:
-            gc.enable()
+
+        def timed(make: MessageFactory) -> Timed:
+            async def once() -> int:
+                t0 = clock()
+                reply = await bus.call(make())
+                t1 = clock()
+                if reply.message_type is MessageType.ERROR:
+                    raise DBusError(reply.error_name, reply.body[0] if reply.body else "")
+                return t1 - t0
+            return once
+
+        samples, round_medians = await interleaved({name: timed(make) for name, _, make in table},
+                                                   count, block, warmup)
     finally:
         if session is not None and bus.connected:
             try:
@@ -400,7 +425,19 @@ def print_throughput(report: dict[str, Any]) -> None:
 # -- main -------------------------------------------------------------------------
 
 def machine() -> dict[str, Any]:
-    return {"nproc": os.cpu_count(), "python": platform.python_version(), "platform": platform.platform()}
+    return {"nproc": os.cpu_count(), "python": platform.python_version(), "platform": platform.platform(),
+            "dbus_fast": metadata.version("dbus-fast")}
+
+
+def emit(report: dict[str, Any], private_bus: bool, as_json: bool,
+         print_tables: Callable[[dict[str, Any]], None]) -> None:
+    """Add the machine's description to a benchmark's report and print it."""
+    report["machine"] = machine()
+    report["private_bus"] = private_bus
+    if as_json:
+        print(json.dumps(report, indent=2))
+    else:
+        print_tables(report)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -423,24 +460,12 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--concurrency must be at least 1")
 
     with service(args.address) as address:
-        if args.address:
-            try:
-                asyncio.run(ensure_name(address))
-            except Exception as e:
-                sys.exit(f"roundtrip: no {BUS_NAME} on {address}: {type(e).__name__}: {e}")
         if args.concurrency:
             report = throughput(address, args.concurrency, args.duration, args.phase, min(args.warmup, 200))
         else:
             report = asyncio.run(latency(address, args.count, args.block, args.warmup, args.device,
                                          not args.no_status))
-    report["machine"] = machine()
-    report["private_bus"] = args.address is None
-    if args.json:
-        print(json.dumps(report, indent=2))
-    elif args.concurrency:
-        print_throughput(report)
-    else:
-        print_latency(report)
+    emit(report, args.address is None, args.json, print_throughput if args.concurrency else print_latency)
     return 0
 
 

@@ -28,14 +28,12 @@ from __future__ import annotations
 import argparse
 import asyncio
 import fcntl
-import json
 import os
 import statistics
 import sys
 import threading
 import time
 from dataclasses import dataclass, field
-from importlib import metadata
 from pathlib import Path
 from typing import Any
 
@@ -48,7 +46,7 @@ from dbus_fast import DBusError, Message, MessageType, Variant  # noqa: E402
 from dbus_fast.aio import MessageBus  # noqa: E402
 
 from helpers import call, connect, create_session, get_property  # noqa: E402
-from roundtrip import ensure_name, machine, percentile, service, table  # noqa: E402
+from roundtrip import emit, percentile, service, table  # noqa: E402
 from stillsvc.names import BUS_NAME, ITEM_IFACE, SESSION_IFACE  # noqa: E402
 
 READ_SIZE = 1 << 20  # the reader's os.read size, for transfers and copies alike
@@ -399,24 +397,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.repeat < 1:
         parser.error("--repeat must be at least 1")
 
-    with service(args.address) as address:
-        if args.address:
-            try:
-                asyncio.run(ensure_name(address))
-            except Exception as e:
-                sys.exit(f"transfer: no {BUS_NAME} on {address}: {type(e).__name__}: {e}")
+    with service(args.address, name="transfer") as address:
         report = asyncio.run(bench(address, args.device, args.repeat, args.resolution, args.mode, args.format,
                                    args.formats, args.pipe_size))
-    report["machine"] = machine()
-    try:
-        report["machine"]["dbus_fast"] = metadata.version("dbus-fast")
-    except metadata.PackageNotFoundError:
-        pass
-    report["private_bus"] = args.address is None
-    if args.json:
-        print(json.dumps(report, indent=2))
-    else:
-        print_report(report)
+    emit(report, args.address is None, args.json, print_report)
     return 0
 
 
