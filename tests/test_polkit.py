@@ -33,6 +33,7 @@ from helpers import (
 from stillsvc.dbus.authority import MANAGE, OWNER, PUBLIC, RULES, USE
 
 pytest.importorskip("dbusmock", reason="python-dbusmock (test extra) is needed to mock polkit")
+pytestmark = pytest.mark.daemon_args("--authorization", "polkit")
 
 POLKIT = "org.freedesktop.PolicyKit1"
 POLKIT_PATH = "/org/freedesktop/PolicyKit1/Authority"
@@ -54,18 +55,14 @@ async def polkitd(bus_address: str) -> AsyncIterator[subprocess.Popen[bytes]]:
 
 
 @pytest.fixture
-async def service(request, bus_address: str, polkitd, tmp_path) -> AsyncIterator[Daemon]:
-    d = Daemon(bus_address, "--authorization", "polkit", workdir=str(tmp_path))
-    request.node._stillsvc_daemon = d
-    yield await d.ready()
-    d.stop()
+def service(polkitd, daemon: Daemon) -> Daemon:
+    """conftest's daemon, asking polkitd (started first) for every check."""
+    return daemon
 
 
 @pytest.fixture
-async def user(service: Daemon):
-    bus = await connect(service.address)
-    yield bus
-    bus.disconnect()
+def user(service: Daemon, client):
+    return client
 
 
 async def allow(bus, *actions: str) -> None:
