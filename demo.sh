@@ -22,7 +22,24 @@ if [ "${1:-}" = stop ]; then
     exit 0
 fi
 
-if ! command -v dbus-daemon >/dev/null || ! python3 -c 'import stillsvc, pytest, hypothesis' 2>/dev/null; then
+# An earlier run may have installed into .venv (where python3 is Debian's own).
+if [ -x .venv/bin/python3 ]; then
+    export VIRTUAL_ENV="$PWD/.venv"
+    export PATH="$VIRTUAL_ENV/bin:$PATH"
+fi
+
+# Everything this script and the tests run. The imports are tried from outside
+# the source tree, where only an installed stillsvc (with its dependencies) is found.
+installed() {
+    local cmd
+    for cmd in dbus-daemon busctl flock stillsvc stillctl; do
+        command -v "$cmd" >/dev/null || return 1
+    done
+    (cd / && python3 -c 'import stillsvc.daemon, stillsvc.ctl, pytest, pytest_asyncio, hypothesis, pypdf, dbusmock') \
+        >/dev/null 2>&1
+}
+
+if ! installed; then
     echo "== installing (Debian packages and the project) =="
     source .ci/install.sh
 fi

@@ -13,6 +13,7 @@ Example::
     io_wait_ms = 5000             # how long a call that did not lock waits for the device lock
     event_queue_length = 64       # per data-mode session
     poll_interval_ms = 1000       # for drivers that can only poll for events
+    transfer_stall_ms = 60000     # a transfer whose reader takes nothing this long is stopped
 
     [[device]]
     id = "scanner1"
@@ -54,6 +55,7 @@ class Limits:
     io_wait_ms: int = 5_000
     event_queue_length: int = 64
     poll_interval_ms: int = 1_000
+    transfer_stall_ms: int = 60_000
     max_registrations_per_user: int = 32
     max_string_length: int = 4096
 
@@ -84,6 +86,7 @@ _LIMIT_KEYS: dict[str, tuple[type, int]] = {
     "io_wait_ms": (int, 0),
     "event_queue_length": (int, 1),
     "poll_interval_ms": (int, 10),
+    "transfer_stall_ms": (int, 100),
     "max_registrations_per_user": (int, 0),
     "max_string_length": (int, 64),
 }

@@ -7,6 +7,14 @@ take part through, and a single worker thread that runs every blocking driver
 call, so the event loop never waits on a device and one device's slow driver never
 holds up another's.
 
+The lock file is the service's claim on the device towards other programs. The
+service holds it whenever anyone inside holds the device: for the whole life of
+a data-mode session (so that between a scan application's calls no other program
+can take the device) and for every hold of the device lock. When another program
+holds it, the service waits for it like for any holder — up to the caller's
+timeout, retrying the file, never blocking the loop — and shows the device as
+``held-by-program``; the event monitor then launches nothing.
+
 The :class:`DeviceManager` keeps the devices and sessions, applies the limits, and
 tells its listeners (the D-Bus layer, the event monitor) what changed.
 """
@@ -14,6 +22,7 @@ tells its listeners (the D-Bus layer, the event monitor) what changed.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -27,25 +36,32 @@ from .driver import DeviceEvent, DeviceInfo, Minidriver, Mode
 from .errors import (
     AccessDenied,
     Busy,
+    Cancelled,
     Disconnected,
     Failed,
     InvalidArgument,
     LimitExceeded,
     NotFound,
     StillError,
+    Timeout,
 )
 from .items import AppItem, DriverItem, attach_new_items, build_app_tree, check_dependent, check_writes, \
     synchronize_tree
 from .locks import FairLock
 from .lockfile import DeviceLockFile
 from .names import sanitise_id
-from .sessions import Client, EventRecord, Session
+from .sessions import Client, EventRecord, Hold, Session
 
 log = structlog.get_logger(__name__)
 T = TypeVar("T")
 
 #: How long a driver may take to initialise at start before the service goes on without it.
 DEVICE_START_TIMEOUT = 15.0
+#: Retrying a lock file another program holds: the first delay, doubling up to the last (seconds).
+LOCKFILE_RETRY_FIRST = 0.005
+LOCKFILE_RETRY_MAX = 0.05
+#: How often a device found held by another program is looked at again, to show it ready.
+OUTSIDE_RECHECK = 0.25
 
 
 class Listener:
@@ -60,19 +76,19 @@ class Listener:
     def items_changed(self, device: Device) -> None: ...
 
 
-class _Internal:
-    """The owner of a device-lock hold the service takes itself around one I/O."""
-
-    def __init__(self, why: str) -> None:
-        self.why = why
-
-    def describe(self) -> str:
-        return f"the service ({self.why})"
-
-
 def _describe_owner(owner: Any) -> str:
     describe = getattr(owner, "describe", None)
     return describe() if callable(describe) else str(owner)
+
+
+def _owner_alive(owner: Any) -> bool:
+    """Sessions and holds say whether they (and their client) are still there."""
+    return bool(getattr(owner, "alive", True))
+
+
+def _owner_mode(owner: Any) -> Mode:
+    """The mode a lock holder works in: its session's, status for the service's own."""
+    return getattr(owner, "mode", Mode.STATUS)
 
 
 class Device:
@@ -88,20 +104,27 @@ class Device:
         self.standing_back = False
         self.sessions: set[Session] = set()
         self.event_sequence = 0
+        #: Events since the device appeared that reached no consumer (UndeliveredEvents).
         self.events_undelivered = 0
         self.log = log.bind(device=self.id)
         self.data_mode: FairLock[Session] = FairLock(
             f"device {self.id} in data mode", describe=_describe_owner,
-            on_queue_changed=lambda: manager._changed(self, ["DataModeWaiters"]))
+            on_queue_changed=lambda: manager._changed(self, ["DataModeWaiters"]), alive=_owner_alive)
         self.device_lock: FairLock[Any] = FairLock(
             f"the device lock of {self.id}",
             max_hold=manager.config.limits.lock_max_hold_ms / 1000,
             on_expired=self._lock_expired,
             describe=_describe_owner,
             on_queue_changed=lambda: manager._changed(self, ["LockWaiters"]),
+            alive=_owner_alive,
         )
         self.lockfile = DeviceLockFile(manager.config.runtime_dir, self.id)
         self.lockfile.create()
+        #: Another program was last found holding the lock file (State held-by-program).
+        self.held_outside = False
+        self._outside_watch: asyncio.Task[None] | None = None
+        #: The device-lock holder whose driver.lock() has completed (unlock undoes it).
+        self._locked_for: Any = None
         #: The driver item tree (root = the device), and every driver item that is
         #: still alive: in the tree, or out of it but linked by application items.
         self.tree: DriverItem | None = None
@@ -113,7 +136,7 @@ class Device:
     def state(self) -> str:
         if self.disconnected:
             return "disconnected"
-        if self.standing_back:
+        if self.standing_back or self.held_outside:
             return "held-by-program"
         return "ready"
 
@@ -139,7 +162,7 @@ class Device:
         self.check_usable()
         if session is not None and self.device_lock.holder is session:
             return await self._guarded(fn, *args)
-        owner = _Internal(f"{why} for {session.describe()}" if session else why)
+        owner = Hold(why, session)
         await self.lock(owner, self.manager.config.limits.io_wait_ms / 1000)
         try:
             return await self._guarded(fn, *args)
@@ -158,42 +181,132 @@ class Device:
 
     # -- the device lock ----------------------------------------------------------
     async def lock(self, owner: Any, timeout: float, limited: bool = True) -> None:
+        """Take the device lock for ``owner``, waiting in line (and then for another
+        program holding the lock file) up to ``timeout`` seconds in all."""
         self.check_usable()
+        deadline = asyncio.get_running_loop().time() + timeout
         await self.device_lock.acquire(owner, timeout, limited)
+        driver_locked = False
         try:
             self.check_usable()
-            if not self.lockfile.try_take():
-                raise Busy(f"device {self.id} is held by another program (lock file {self.lockfile.path})")
-            await self._guarded(self.driver.lock)
+            await self.take_lockfile(lambda: self.device_lock.holder is owner and _owner_alive(owner),
+                                     deadline, timeout)
+            self.check_usable()
+            await self._guarded(self.driver.lock, _owner_mode(owner))
+            driver_locked = True
+            if self.device_lock.holder is not owner or not _owner_alive(owner):
+                raise Cancelled(f"the device lock of {self.id} was given up while it was being taken")
+            self._locked_for = owner
         except BaseException:
-            self.lockfile.release()
+            if driver_locked and not self.disconnected:
+                with contextlib.suppress(StillError):
+                    await self._guarded(self.driver.unlock)
             if self.device_lock.holder is owner:
                 self.device_lock.release(owner)
+            self.settle_lockfile()
             raise
 
     async def unlock(self, owner: Any) -> None:
         if self.device_lock.holder is not owner:
             raise Failed(f"the device lock of {self.id} is not held by this session")
+        locked = self._locked_for is owner
+        if locked:
+            self._locked_for = None
         try:
-            if not self.disconnected:
+            if locked and not self.disconnected:
                 await self._guarded(self.driver.unlock)
         except StillError as e:
             self.log.warning("driver unlock failed", error=e.message)
         finally:
-            self.lockfile.release()
             if self.device_lock.holder is owner:
                 self.device_lock.release(owner)
+            self.settle_lockfile()
 
     def _lock_expired(self, owner: Any) -> None:
-        self.log.warning("device lock held too long, revoking", holder=_describe_owner(owner),
-                         max_hold_ms=self.manager.config.limits.lock_max_hold_ms)
         self.manager._spawn(self._revoke(owner))
 
     async def _revoke(self, owner: Any) -> None:
-        await self.unlock(owner)
+        """The hold time ran out. A holder whose transfer is still moving data keeps
+        the lock (a feeder job may take minutes); otherwise its transfers are
+        stopped first — they occupy the worker thread that must run the unlock —
+        and the lock is taken away."""
+        if self.device_lock.holder is not owner:
+            return
+        max_hold = self.manager.limits.lock_max_hold_ms
+        transfers = list(getattr(owner, "transfers", ()))
+        if any(t.progressed_within(max_hold / 1000) for t in transfers):
+            self.log.debug("device lock hold extended: a transfer is making progress", holder=_describe_owner(owner))
+            self.device_lock.extend(owner)
+            return
+        self.log.warning("device lock held too long, revoking", holder=_describe_owner(owner), max_hold_ms=max_hold)
+        for transfer in transfers:
+            transfer.stop(f"the device lock was held longer than {max_hold} ms", Timeout)
+        for transfer in transfers:
+            await transfer.finished.wait()
+        if self.device_lock.holder is owner:
+            await self.unlock(owner)
         if isinstance(owner, Session):
             for callback in owner.on_lock_revoked:
                 callback(owner)
+
+    # -- the lock file ------------------------------------------------------------
+    async def take_lockfile(self, wanted: Callable[[], bool], deadline: float, timeout: float) -> None:
+        """Hold the lock file (at once if the service already does), waiting for another
+        program that holds it until ``deadline`` (loop time) — as long as ``wanted()``
+        stays true. ``timeout`` 0 means no waiting: Busy at once."""
+        if self.lockfile.try_take():
+            self._held_outside(False)
+            return
+        self._held_outside(True)
+        loop = asyncio.get_running_loop()
+        delay = LOCKFILE_RETRY_FIRST
+        while True:
+            remaining = deadline - loop.time()
+            if remaining <= 0:
+                where = f"it is held by another program (lock file {self.lockfile.path})"
+                if timeout <= 0:
+                    raise Busy(f"device {self.id} is held by another program (lock file {self.lockfile.path})")
+                raise Timeout(f"gave up waiting for device {self.id} after {timeout * 1000:.0f} ms: {where}")
+            await asyncio.sleep(min(delay, remaining))
+            if not wanted() or self.disconnected:
+                raise Cancelled(f"stopped waiting for the lock file of {self.id}")
+            if self.lockfile.try_take():
+                self._held_outside(False)
+                return
+            delay = min(delay * 2, LOCKFILE_RETRY_MAX)
+
+    def settle_lockfile(self) -> None:
+        """Let the lock file go once nobody in the service holds the device."""
+        if self.data_mode.holder is None and self.device_lock.holder is None:
+            self.lockfile.release()
+
+    def held_by_program(self) -> bool:
+        """Whether another program has the device right now (looked at, not assumed)."""
+        if self.standing_back:
+            return True
+        elsewhere = self.lockfile.held_elsewhere()
+        self._held_outside(elsewhere)
+        return elsewhere
+
+    def _held_outside(self, held: bool) -> None:
+        if held == self.held_outside:
+            return
+        self.held_outside = held
+        if held:
+            self.log.info("device held by another program", lock_file=str(self.lockfile.path))
+            if self._outside_watch is None or self._outside_watch.done():
+                self._outside_watch = self.manager._spawn(self._watch_outside())
+        else:
+            self.log.info("the other program has let go of the device")
+        self.manager._changed(self, ["State"])
+
+    async def _watch_outside(self) -> None:
+        """While another program holds the lock file, look again now and then, so that
+        State shows the device ready soon after it lets go."""
+        while self.held_outside and not self.disconnected:
+            await asyncio.sleep(OUTSIDE_RECHECK)
+            if self.held_outside and not self.lockfile.held_elsewhere():
+                self._held_outside(False)
 
     # -- handing the device to another program ---------------------------------
     async def hand_over(self, session: Session) -> int:
@@ -203,6 +316,7 @@ class Device:
         when no copy is open any more (the client's, its command's, the session's)."""
         if not session.holds_data or not session.holds_lock:
             raise AccessDenied("handing the device over needs data mode and the device lock")
+        self._locked_for = None
         await self._guarded(self.driver.unlock)
         await self._guarded(self.driver.release_port)
         fd = self.lockfile.hand_over()
@@ -280,8 +394,10 @@ class Device:
             raise Disconnected(f"device {self.id} has no item tree")
         root = self.tree
 
+        mode = session.mode if session is not None else Mode.STATUS
+
         def rebuild() -> DriverItem:
-            self.driver.command(root, "synchronize")
+            self.driver.command(root, "synchronize", mode)
             return self.driver.build_item_tree()
 
         fresh = await self.io(session, rebuild, why="synchronize")
@@ -296,7 +412,43 @@ class Device:
             self.manager._notify("items_changed", self)
         return added, removed
 
+    # -- device I/O for sessions ---------------------------------------------------
+    async def get_status(self, session: Session) -> dict[str, Any]:
+        return await self.io(session, self.driver.get_status, session.mode, why="status")
+
+    async def reset(self, session: Session) -> None:
+        await self.io(session, self.driver.reset, why="reset")
+
+    async def diagnostic(self, session: Session) -> dict[str, Any]:
+        return await self.io(session, self.driver.diagnostic, why="diagnostic")
+
+    async def escape(self, session: Session, code: int, data: bytes) -> bytes:
+        return await self.io(session, self.driver.escape, code, data, session.mode, why="escape")
+
+    async def read_data(self, session: Session, size: int) -> bytes:
+        session.require_data("raw data I/O")
+        return await self.io(session, self.driver.read_data, size, session.mode, why="raw read")
+
+    async def write_data(self, session: Session, data: bytes) -> None:
+        session.require_data("raw data I/O")
+        await self.io(session, self.driver.write_data, data, session.mode, why="raw write")
+
+    async def read_command(self, session: Session, size: int) -> bytes:
+        return await self.io(session, self.driver.read_command, size, session.mode, why="raw command read")
+
+    async def write_command(self, session: Session, data: bytes) -> None:
+        await self.io(session, self.driver.write_command, data, session.mode, why="raw command write")
+
     # -- events -----------------------------------------------------------------
+    def undelivered(self, count: int, why: str, level: str = "warning", **context: Any) -> None:
+        """Count events that reached no consumer; never silently: each is logged here."""
+        if count <= 0:
+            return
+        self.events_undelivered += count
+        getattr(self.log, level)("event undelivered" if count == 1 else "events undelivered", count=count,
+                                 **context, reason=why, undelivered_total=self.events_undelivered)
+        self.manager._changed(self, ["UndeliveredEvents"])
+
     def record_event(self, event: DeviceEvent) -> EventRecord:
         self.event_sequence += 1
         when = event.time if event.time is not None else time.time()
@@ -421,6 +573,8 @@ class DeviceManager:
         if device is None:
             return
         device.disconnected = True
+        if device._outside_watch is not None:
+            device._outside_watch.cancel()
         for session in list(device.sessions):
             for transfer in list(session.transfers):
                 transfer.stop("the device was disconnected", Disconnected)
@@ -486,6 +640,11 @@ class DeviceManager:
         return [s for s in self.sessions.values() if s.client.name == client_name]
 
     async def create_session(self, device_id: str, mode: Mode, client: Client, wait: float = 0.0) -> Session:
+        """Open ``device_id`` for ``client``. Data mode is waited for in line (and then
+        for another program holding the lock file) up to ``wait`` seconds in all; the
+        lock file stays held for as long as the session has data mode."""
+        if client.gone:
+            raise Cancelled(f"client {client.name} has gone")
         device = self.get(device_id)
         device.check_usable()
         if not client.internal:
@@ -499,21 +658,37 @@ class DeviceManager:
         self._pending[client.name] = self._pending.get(client.name, 0) + 1
         try:
             if mode & Mode.DATA:
+                deadline = self.loop.time() + wait
                 await device.data_mode.acquire(session, wait)
+                try:
+                    await device.take_lockfile(lambda: device.data_mode.holder is session and session.alive,
+                                               deadline, wait)
+                except BaseException:
+                    self._give_up_data_mode(device, session)
+                    raise
         finally:
             self._pending[client.name] -= 1
             if not self._pending[client.name]:
                 del self._pending[client.name]
         if device.disconnected or device_id not in self.devices:
-            if device.data_mode.holder is session:
-                device.data_mode.release(session)
+            self._give_up_data_mode(device, session)
             raise Disconnected(f"device {device_id} has been disconnected")
+        if not session.alive:
+            # The client left while it waited: nothing may be kept for it.
+            self._give_up_data_mode(device, session)
+            raise Cancelled(f"client {client.name} has gone")
         self.sessions[session.number] = session
         device.sessions.add(session)
         log.info("session opened", device=device_id, session=session.number, client=client.name, mode=mode.label)
         if mode & Mode.DATA:
             self._changed(device, ["DataModeHolder"])
         return session
+
+    @staticmethod
+    def _give_up_data_mode(device: Device, session: Session) -> None:
+        if device.data_mode.holder is session:
+            device.data_mode.release(session)
+        device.settle_lockfile()
 
     async def close_session(self, session: Session, why: str = "closed") -> None:
         if session.closed:
@@ -528,6 +703,9 @@ class DeviceManager:
             await device.unlock(session)
         device.device_lock.discard(session, NotFound(f"session {session.number} is closed"))
         held_data = device.data_mode.discard(session, NotFound(f"session {session.number} is closed"))
+        device.settle_lockfile()
+        device.undelivered(session.drop_queue(), f"left in the queue of a session that {why}",
+                           session=session.number, client=session.client.name)
         session.release_fds()
         if session.root_item is not None:
             session.root_item.release()  # -1 on each linked driver item; at 0 it is destroyed
@@ -542,15 +720,27 @@ class DeviceManager:
         if held_data and not device.disconnected:
             self._changed(device, ["DataModeHolder"])
 
+    def client_gone(self, client: Client) -> None:
+        """The client has left (its connection closed): from this instant nothing is
+        granted to it — its waits fail now, a grant in flight is refused — and
+        everything it had is closed."""
+        client.gone = True
+        for device in list(self.devices.values()):
+            for fair in (device.data_mode, device.device_lock):
+                for waiter in fair.waiting:
+                    if _client_of(waiter) is client:
+                        fair.discard(waiter, Cancelled(f"client {client.name} has gone"))
+        self._spawn(self.client_vanished(client.name))
+
     async def client_vanished(self, client_name: str) -> None:
-        """The client left the bus: close everything it had, at once."""
-        sessions = self.sessions_of(client_name)
-        for session in sessions:
+        """Close everything the client named ``client_name`` had, at once."""
+        for session in self.sessions_of(client_name):
             await self.close_session(session, why="client left the bus")
         for device in list(self.devices.values()):
             for fair in (device.data_mode, device.device_lock):
                 for waiter in fair.waiting:
-                    if getattr(getattr(waiter, "client", None), "name", None) == client_name:
+                    client = _client_of(waiter)
+                    if client is not None and client.name == client_name:
                         fair.discard(waiter)
 
     # -- events -----------------------------------------------------------------
@@ -572,23 +762,20 @@ class DeviceManager:
     def route(self, device: Device, record: EventRecord) -> str | Awaitable[str]:
         """Deliver ``record`` to exactly one consumer; returns who took it (or, when
         the launcher must ask someone first, an awaitable that does)."""
-        if device.standing_back:
-            device.events_undelivered += 1
-            device.log.info("event not routed: device held by another program",
-                            event_name=record.name, sequence=record.sequence)
-            return "none: held by another program"
         holder = device.data_holder
-        if holder is not None:
+        if holder is not None and holder in device.sessions and not device.standing_back:
             dropped = holder.queue_event(record)
-            if dropped:
-                device.log.warning("event queue full, dropped the oldest", session=holder.number,
-                                   client=holder.client.name, dropped=holder.events_dropped)
+            device.undelivered(dropped, "event queue full, dropped the oldest", session=holder.number,
+                               client=holder.client.name, dropped=holder.events_dropped)
             return f"queue: session {holder.number} ({holder.client.name})"
+        if device.held_by_program():
+            device.undelivered(1, "the device is held by another program", level="info",
+                               event_name=record.name, sequence=record.sequence)
+            return "none: held by another program"
         if self.launcher is not None:
             return self.launcher(device, record)
-        device.events_undelivered += 1
-        device.log.info("event undelivered: no application registered", event_name=record.name,
-                        sequence=record.sequence)
+        device.undelivered(1, "no application registered", level="info", event_name=record.name,
+                           sequence=record.sequence)
         return "none: no application registered"
 
     # -- lifetime -----------------------------------------------------------------
@@ -612,6 +799,12 @@ class DeviceManager:
         self.unplugged.clear()
         for task in list(self._tasks):
             task.cancel()
+
+
+def _client_of(owner: Any) -> Client | None:
+    """The client a lock owner (a session, or a hold for one) works for."""
+    session = owner if isinstance(owner, Session) else getattr(owner, "session", None)
+    return session.client if isinstance(session, Session) else None
 
 
 __all__ = ["Device", "DeviceManager", "Listener"]

@@ -17,8 +17,12 @@ is held, between :meth:`lock` and :meth:`unlock`.
 
 Modes. A device is opened in *status* mode (many clients, long-lived) or *data*
 mode (one client, short) or both. Calls that belong to a session carry that
-session's :class:`Mode`; a driver must refuse data transfers and raw data I/O to
-sessions that hold only status mode (:meth:`require_data` does it).
+session's :class:`Mode` (:meth:`lock` the mode of whoever takes the lock; the
+service's own holds are status mode), so a driver always knows how it is being
+used — a driver on a shared serial line, say, may open the port in :meth:`lock`
+for status reads only. The service itself refuses transfers and raw data I/O to
+sessions without data mode before anything reaches the driver;
+:meth:`require_data` lets a driver check again.
 
 Ports. A driver on a *dedicated* port (USB) opens it in :meth:`initialize`; a
 driver on a *shared* port (a serial line other devices may use) opens it only in
@@ -174,8 +178,8 @@ class Minidriver:
     def shutdown(self) -> None:
         """Close everything; the device is going away or the service is stopping."""
 
-    def lock(self) -> None:
-        """The device lock was taken: open shared ports here."""
+    def lock(self, mode: Mode) -> None:
+        """The device lock was taken, by a holder working in ``mode``: open shared ports here."""
 
     def unlock(self) -> None:
         """The device lock is being released: close what lock() opened."""
@@ -186,7 +190,7 @@ class Minidriver:
     def reclaim_port(self) -> None:
         """The device is ours again after release_port()."""
 
-    def get_status(self) -> dict[str, Any]:
+    def get_status(self, mode: Mode) -> dict[str, Any]:
         return {}
 
     def reset(self) -> None:
@@ -239,8 +243,8 @@ class Minidriver:
         resolution changed). Runs on the service's event loop: no device I/O."""
         return values
 
-    def write_properties(self, item: DriverItem, values: dict[str, Any]) -> None:
-        """Set ``values`` on the device before a transfer from ``item``."""
+    def write_properties(self, item: DriverItem, values: dict[str, Any], mode: Mode) -> None:
+        """Set ``values`` on the device before a transfer from ``item`` (always in data mode)."""
 
     def acquire(
         self, item: DriverItem, values: dict[str, Any], mode: Mode, cancel: threading.Event
@@ -248,7 +252,7 @@ class Minidriver:
         """Yield the pages of one acquisition from ``item``; stop when ``cancel`` is set."""
         raise NotSupported(f"{self.name}: item {item.name} cannot transfer images")
 
-    def command(self, item: DriverItem, command: str) -> None:
+    def command(self, item: DriverItem, command: str, mode: Mode) -> None:
         """A device command on ``item``, e.g. ``synchronize``. Item tree changes are
         made by the service from :meth:`build_item_tree` after ``synchronize``."""
         raise NotSupported(f"{self.name}: command {command!r} is not supported")

@@ -60,7 +60,7 @@ from .driver import DeviceEvent, EventSource, Mode
 from .errors import InvalidArgument, LimitExceeded, StillError
 from .names import device_path
 from .registry import SYSTEM, USER, Registration, Registry, expand
-from .sessions import Client, EventRecord, Session
+from .sessions import Client, EventRecord, Hold, Session
 
 log = structlog.get_logger(__name__)
 
@@ -206,16 +206,6 @@ class SystemLauncher:
             self.running.discard(proc)
 
 
-class _Poller:
-    """The owner of the device lock while the monitor polls a driver for events."""
-
-    def __init__(self, session: Session) -> None:
-        self.session = session
-
-    def describe(self) -> str:
-        return f"the event monitor (event poll, {self.session.describe()})"
-
-
 @dataclass
 class _Watch:
     session: Session | None = None
@@ -303,7 +293,7 @@ class EventMonitor(Listener):
             await asyncio.sleep(interval)
             if not self._may_poll(device):
                 continue
-            owner = _Poller(session)
+            owner = Hold("event poll", session)
             try:
                 # Never wait for the lock: a client that holds or waits for it goes first.
                 await device.lock(owner, 0)
@@ -331,7 +321,7 @@ class EventMonitor(Listener):
 
     @staticmethod
     def _may_poll(device: Device, locked: bool = False) -> bool:
-        if device.disconnected or device.standing_back or device.data_holder is not None:
+        if device.disconnected or device.standing_back or device.held_outside or device.data_holder is not None:
             return False
         return locked or (device.device_lock.holder is None and not device.device_lock.waiting)
 
@@ -340,15 +330,13 @@ class EventMonitor(Listener):
         """Route ``record``, which no data-mode session takes, to one application."""
         matching = self.registry.matching(device.id, device.info.vendor, device.info.model, record.name)
         if not matching:
-            device.events_undelivered += 1
-            device.log.info("event undelivered: no application registered", event_name=record.name,
-                            sequence=record.sequence)
+            device.undelivered(1, "no application registered", level="info", event_name=record.name,
+                               sequence=record.sequence)
             return "none: no application registered"
         return self._deliver(device, record, matching)
 
     def _undelivered(self, device: Device, record: EventRecord, reason: str) -> str:
-        device.events_undelivered += 1
-        device.log.warning("event undelivered", event_name=record.name, sequence=record.sequence, reason=reason)
+        device.undelivered(1, reason, event_name=record.name, sequence=record.sequence)
         return f"none: undelivered: {reason}"
 
     def _deliverable(self, registration: Registration) -> bool:
@@ -376,6 +364,11 @@ class EventMonitor(Listener):
                             sequence=record.sequence)
             result = self.manager.route(device, record)
             return result if isinstance(result, str) else await result
+        if device.held_by_program():
+            # Another program took the device while an agent was choosing: launch nothing.
+            device.undelivered(1, "the device is held by another program", level="info", event_name=record.name,
+                               sequence=record.sequence)
+            return "none: held by another program"
         return await self._launch(device, record, chosen, how)
 
     async def _choose(self, device: Device, record: EventRecord,

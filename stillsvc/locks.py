@@ -6,6 +6,11 @@ first served, a waiter whose time runs out gets ``Timeout``, and a holder that
 goes away releases at once. The device lock adds a maximum hold time: when it
 runs out, ``on_expired`` is called so the lock's owner can undo what the holder
 set up and release it (without ``on_expired`` it is released at once).
+
+Owners that have gone (``alive`` says so: the session closed, its client left)
+are never granted anything: a waiter that is gone when its turn comes is passed
+over, so a holder and its waiter dying in the same instant cannot leave the
+lock to a ghost.
 """
 
 from __future__ import annotations
@@ -15,7 +20,7 @@ from collections import deque
 from collections.abc import Callable
 from typing import Generic, TypeVar
 
-from .errors import Busy, Failed, InvalidArgument, Timeout
+from .errors import Busy, Cancelled, Failed, Timeout
 
 Owner = TypeVar("Owner")
 
@@ -29,12 +34,14 @@ class FairLock(Generic[Owner]):
         on_expired: Callable[[Owner], None] | None = None,
         describe: Callable[[Owner], str] = str,
         on_queue_changed: Callable[[], None] | None = None,
+        alive: Callable[[Owner], bool] = lambda owner: True,
     ) -> None:
         self.what = what
         self.max_hold = max_hold
         self.on_expired = on_expired
         self.describe = describe
         self.on_queue_changed = on_queue_changed
+        self.alive = alive
         self.holder: Owner | None = None
         self._waiters: deque[tuple[Owner, asyncio.Future[None], bool]] = deque()
         self._revoke_timer: asyncio.TimerHandle | None = None
@@ -52,9 +59,11 @@ class FairLock(Generic[Owner]):
         ``limited=False``: no maximum hold time (for work the service itself
         watches, such as a running transfer, which can be cancelled instead)."""
         if self.holder is owner:
-            raise InvalidArgument(f"{self.what} is already held by this session")
+            raise Failed(f"{self.what} is already held by this session")
         if any(o is owner for o, _, _ in self._waiters):
-            raise InvalidArgument(f"this session is already waiting for {self.what}")
+            raise Failed(f"this session is already waiting for {self.what}")
+        if not self.alive(owner):
+            raise self._gone_error()
         if self.holder is None and not self.waiting:
             self._grant(owner, limited)
             return
@@ -92,15 +101,29 @@ class FairLock(Generic[Owner]):
 
     def release(self, owner: Owner) -> None:
         if self.holder is not owner:
-            raise InvalidArgument(f"{self.what} is not held by this session")
+            raise Failed(f"{self.what} is not held by this session")
         self._cancel_timer()
         self.holder = None
         while self._waiters:
             next_owner, fut, limited = self._waiters.popleft()
-            if not fut.done():
-                self._grant(next_owner, limited)
-                fut.set_result(None)
-                return
+            if fut.done():
+                continue
+            if not self.alive(next_owner):
+                fut.set_exception(self._gone_error())
+                continue
+            self._grant(next_owner, limited)
+            fut.set_result(None)
+            return
+
+    def extend(self, owner: Owner) -> None:
+        """Give the holder its maximum hold time again, from now (it is still
+        making progress with work the service watches)."""
+        if self.holder is owner and self.max_hold is not None:
+            self._cancel_timer()
+            self._revoke_timer = asyncio.get_running_loop().call_later(self.max_hold, self._revoke, owner)
+
+    def _gone_error(self) -> Cancelled:
+        return Cancelled(f"stopped waiting for {self.what}: the requester has gone")
 
     def discard(self, owner: Owner, error: Exception | None = None) -> bool:
         """Forget ``owner`` entirely: release if it holds, fail its wait if it waits.

@@ -23,15 +23,23 @@ if TYPE_CHECKING:
     from .items import AppItem
 
 
-@dataclass(frozen=True)
+@dataclass(eq=False)
 class Client:
-    """Who is on the other end. ``name`` is the D-Bus unique name (or an internal label)."""
+    """Who is on the other end. ``name`` is the D-Bus unique name (or an internal label).
+
+    ``gone`` is set, once and for good, the moment the service learns that the
+    client has left (its connection closed, the process killed). It is a state,
+    not only an event: every grant — data mode, the device lock, a new session —
+    checks it, so a call still in flight or a waiter served in the same instant
+    can never leave anything held for a client that no longer exists.
+    """
 
     name: str
     uid: int | None = None
     pid: int | None = None
     command: str | None = None
     internal: bool = False
+    gone: bool = False
 
     def describe(self) -> str:
         details = []
@@ -93,6 +101,25 @@ class Session:
         raise NotFound(f"session {self.number} has no item {path!r}")
 
     # -- ownership and state ---------------------------------------------------
+    @property
+    def alive(self) -> bool:
+        """Open, and its client still there: only then may it be granted anything."""
+        return not self.closed and not self.client.gone
+
+    def require_data(self, what: str) -> None:
+        """Refuse ``what`` (a transfer, raw data I/O) to a session without data mode,
+        before any locking or device I/O."""
+        if not self.mode & Mode.DATA:
+            raise AccessDenied(f"{what} needs a session opened in data mode; session {self.number} is status only")
+
+    def subscribe(self, on: bool = True) -> None:
+        """Ask to be told of queued events. Events go only to the data-mode holder
+        (they are never broadcast), so a status-only session could never get one."""
+        if on and not self.mode & Mode.DATA:
+            raise AccessDenied(f"events are queued only for the session holding data mode; "
+                               f"session {self.number} is status only")
+        self.subscribed = on
+
     def check_owner(self, caller: str | None) -> None:
         if caller != self.client.name:
             raise AccessDenied(f"session {self.number} belongs to another client")
@@ -137,7 +164,36 @@ class Session:
                 callback(self, record)
         return dropped
 
+    def drop_queue(self) -> int:
+        """Empty the queue (the session is closing); returns how many were left unread."""
+        left = len(self.events)
+        self.events.clear()
+        return left
+
     def next_event(self) -> EventRecord:
         if not self.events:
             raise NotFound(f"no event is queued for session {self.number}")
         return self.events.popleft()
+
+
+class Hold:
+    """An owner of the device lock other than a session's own explicit hold: the
+    service's hold around one I/O of a session (or of its own), a transfer's, the
+    event monitor's poll. It is alive as long as the session it works for is."""
+
+    def __init__(self, why: str, session: Session | None = None) -> None:
+        self.why = why
+        self.session = session
+
+    @property
+    def mode(self) -> Mode:
+        return self.session.mode if self.session is not None else Mode.STATUS
+
+    @property
+    def alive(self) -> bool:
+        return self.session is None or self.session.alive
+
+    def describe(self) -> str:
+        if self.session is None:
+            return f"the service ({self.why})"
+        return f"the service ({self.why} for {self.session.describe()})"

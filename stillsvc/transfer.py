@@ -9,6 +9,14 @@ slow reader slows the scan (the thread writes only as fast as it reads), a
 reader that never reads parks one transfer and nothing else, and cancelling —
 by the client, by the session closing, by the device going away — takes effect
 within a slice. A reader that closes its end ends the transfer at once.
+
+A reader that takes nothing for ``service.transfer_stall_ms`` stops the transfer
+with ``Timeout``, so a stalled client cannot keep the device. A transfer that is
+moving data keeps its session's device lock past the lock's maximum hold time
+(the device asks :meth:`Transfer.progressed_within`); a feeder job may take minutes.
+
+Only a session in data mode may transfer: that is checked here, before anything
+is locked or sent to the driver.
 """
 
 from __future__ import annotations
@@ -29,8 +37,10 @@ from typing import TYPE_CHECKING, Any
 import structlog
 
 from .driver import PageInfo
-from .errors import Cancelled, Failed, InvalidArgument, StillError, quote
+from .errors import Cancelled, Failed, InvalidArgument, StillError, Timeout, quote
 from .imaging import FORMATS, MULTIPAGE_FORMATS, ImageInfo, make_encoder
+
+from .sessions import Hold
 
 if TYPE_CHECKING:
     from .devices import Device
@@ -79,6 +89,7 @@ class Transfer:
 
     def __init__(self, device: Device, session: Session, app: AppItem, fd: int, fmt: str,
                  progress: Progress | None = None) -> None:
+        session.require_data("transferring images")
         if fmt not in FORMATS:
             raise InvalidArgument(f"unknown format {quote(fmt)} (formats: {', '.join(FORMATS)})")
         self.device = device
@@ -88,9 +99,13 @@ class Transfer:
         self.format = fmt
         self.progress = progress
         self.cancel = threading.Event()
-        self._stopped = asyncio.Event()  # the same, for the loop
         self.cancel_reason = "transfer cancelled"
         self.cancel_error: type[StillError] = Cancelled
+        self.stall = device.manager.limits.transfer_stall_ms / 1000
+        #: When data last moved (monotonic; written by the worker thread).
+        self.last_progress = time.monotonic()
+        #: Set when run() has ended, however it ended.
+        self.finished = asyncio.Event()
         self.summary = Summary(format=fmt, content_type=make_encoder(fmt).content_type)
         self.log = log.bind(device=device.id, session=session.number, client=session.client.name, item=app.path)
 
@@ -101,7 +116,10 @@ class Transfer:
             self.cancel_reason = reason
             self.cancel_error = error
             self.cancel.set()
-            self._stopped.set()
+
+    def progressed_within(self, seconds: float) -> bool:
+        """Whether data moved (or the transfer started) in the last ``seconds``."""
+        return time.monotonic() - self.last_progress < seconds
 
     async def run(self) -> Summary:
         """Run the whole transfer under the device lock; the descriptor is closed at the end."""
@@ -111,10 +129,11 @@ class Transfer:
             self.app.check_device_access()
             os.set_blocking(self.fd, False)
             own_lock = self.device.device_lock.holder is self.session
-            owner: Any = self.session if own_lock else _TransferHold(self.session)
+            owner: Any = self.session if own_lock else Hold("transfer", self.session)
             if not own_lock:
                 await self.device.lock(owner, self.device.manager.limits.io_wait_ms / 1000, limited=False)
             try:
+                self.last_progress = time.monotonic()
                 return await self._stream(loop)
             finally:
                 if not own_lock:
@@ -124,13 +143,14 @@ class Transfer:
                 os.close(self.fd)
             except OSError:
                 pass
+            self.finished.set()
 
     async def _stream(self, loop: asyncio.AbstractEventLoop) -> Summary:
         driver = self.device.driver
         item = self.app.driver_item
         values = dict(self.app.values)
         self.log.info("transfer starting", format=self.format)
-        await self.device._guarded(driver.write_properties, item, values)
+        await self.device._guarded(driver.write_properties, item, values, self.session.mode)
         try:
             await self.device.call(self._produce, item, values, loop)
         except Cancelled:
@@ -191,7 +211,8 @@ class Transfer:
             self.progress(page, percent, self.summary.bytes)
 
     def _write(self, poller: select.poll, data: bytes) -> None:
-        """Write all of ``data``, waiting for the reader in slices; raises Cancelled."""
+        """Write all of ``data``, waiting for the reader in slices; raises Cancelled
+        (when stopped, and when the reader has stalled: then with Timeout as the error)."""
         view = memoryview(data)
         while view:
             if self.cancel.is_set():
@@ -199,6 +220,9 @@ class Transfer:
             try:
                 written = os.write(self.fd, view)
             except BlockingIOError:
+                if time.monotonic() - self.last_progress >= self.stall:
+                    self.stop(f"the reader took no data for {self.stall * 1000:.0f} ms", Timeout)
+                    raise Cancelled(self.cancel_reason) from None
                 poller.poll(WAIT_SLICE_MS)
                 continue
             except OSError as e:
@@ -208,16 +232,7 @@ class Transfer:
                 raise Failed(f"writing the image failed: {e.strerror}") from None
             view = view[written:]
             self.summary.bytes += written
-
-
-class _TransferHold:
-    """The device-lock owner for a transfer by a session that did not lock itself."""
-
-    def __init__(self, session: Session) -> None:
-        self.session = session
-
-    def describe(self) -> str:
-        return f"a transfer of {self.session.describe()}"
+            self.last_progress = time.monotonic()
 
 
 def _image_info(info: PageInfo) -> ImageInfo:

@@ -217,9 +217,11 @@ async def test_monitor_shows_events_with_their_consumer_and_hotplug(daemon, clie
     line_re = re.compile(r"^\d\d:\d\d:\d\d\.\d\d\d sim0 ")
 
     await call(client, SIM0, SIMULATOR, "PressButton", "s", ["scan"])
-    (line,) = await read_until(proc.stdout, lambda s: "event" in s)
+    lines = await read_until(proc.stdout, lambda s: " event " in s)
+    line = lines[-1]
     assert line_re.match(line), line
     assert re.search(r"event scan-button #\d+ .*-> none: no application registered$", line), line
+    assert any("changed UndeliveredEvents=1" in s for s in lines), lines  # counted, never silently lost
 
     session = await create_session(client, mode="data")
     (number,) = re.findall(r"\d+$", session)
@@ -244,7 +246,9 @@ async def test_monitor_json_lines_and_sigterm(daemon, client):
     proc = await start_monitor(daemon.address, "--json")
     assert proc.stdout is not None
     await call(client, SIM0, SIMULATOR, "PressButton", "s", ["email"])
-    event = json.loads(await read_line(proc.stdout))
+    before = [json.loads(s) for s in await read_until(proc.stdout, lambda s: json.loads(s)["type"] == "event")]
+    event = before.pop()
+    assert {"interface": "Device", "properties": {"UndeliveredEvents": 1}}.items() <= before[0].items(), before
     assert event["type"] == "event"
     assert event["device"] == "sim0"
     assert event["path"] == SIM0

@@ -935,7 +935,7 @@ def _polling_driver():
             self.polls = 0
             self.polls_unlocked = 0
 
-        def lock(self) -> None:
+        def lock(self, mode) -> None:  # type: ignore[no-untyped-def]
             self.locked = True
 
         def unlock(self) -> None:

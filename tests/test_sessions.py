@@ -114,7 +114,7 @@ async def test_lock_unlock_errors_are_clear(client):
     assert "does not hold" in e.text
     await lock(client, session)
     assert await get_property(client, session, SESSION, "HoldsLock") is True
-    e = await expect_error("InvalidArgument", lock(client, session))
+    e = await expect_error("Failed", lock(client, session))  # as Session.xml says
     assert "already held" in e.text
     await unlock(client, session)
     assert await get_property(client, session, SESSION, "HoldsLock") is False
@@ -263,16 +263,20 @@ async def test_session_limits_per_client_and_in_total(daemon, client, client2):
 
 # -- the device as another program holds it ---------------------------------------------
 
-async def test_outside_program_holding_the_lock_file_gets_busy(daemon, client):
+@pytest.mark.daemon_args("--config", "tests/data/short-io-wait.toml")
+async def test_outside_program_holding_the_lock_file_is_waited_for_then_refused(daemon, client):
     lock_file = await get_property(client, SIM0, DEVICE, "LockFile")
     session = await create_session(client, mode="status")
     holder = subprocess.Popen(["flock", lock_file, "sh", "-c", "echo locked; read x"],
                               stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
     try:
         assert holder.stdout.readline().strip() == "locked"
-        e = await expect_error("Busy", call(client, session, SESSION, "GetStatus"))
+        # The service's own I/O waits for the other program up to io_wait_ms (200 ms here).
+        e = await expect_error("Timeout", call(client, session, SESSION, "GetStatus"))
+        assert "another program" in e.text and "200 ms" in e.text
+        assert await get_property(client, SIM0, DEVICE, "State") == "held-by-program"
+        e = await expect_error("Busy", lock(client, session))  # timeout 0: no waiting
         assert "another program" in e.text
-        await expect_error("Busy", lock(client, session))
     finally:
         holder.communicate("done\n", timeout=5)
     (status,) = await call(client, session, SESSION, "GetStatus")

@@ -142,6 +142,7 @@ class DeviceInterface(ServiceInterface):
             "LockWaiters": Variant("u", len(d.device_lock.waiting)),
             "LockFile": Variant("s", str(d.lockfile.path)),
             "Simulated": Variant("b", d.driver.simulated),
+            "UndeliveredEvents": Variant("u", d.events_undelivered),
         }
 
     def changed(self, names: list[str]):
@@ -220,6 +221,10 @@ class DeviceInterface(ServiceInterface):
     def Simulated(self) -> "b":
         return self.device.driver.simulated
 
+    @dbus_property(access=PropertyAccess.READ)
+    def UndeliveredEvents(self) -> "u":
+        return self.device.events_undelivered
+
 
 class SessionInterface(ServiceInterface):
     def __init__(self, service: Service, session: Session):
@@ -292,66 +297,63 @@ class SessionInterface(ServiceInterface):
     @method()
     async def GetStatus(self) -> "a{sv}":
         session = self._mine()
-        return to_vardict(await session.device.io(session, session.device.driver.get_status, why="status"))
+        return to_vardict(await session.device.get_status(session))
 
     @method()
     async def DeviceReset(self):
         session = self._mine()
-        await session.device.io(session, session.device.driver.reset, why="reset")
+        await session.device.reset(session)
 
     @method()
     async def Diagnostic(self) -> "a{sv}":
         session = self._mine()
-        return to_vardict(await session.device.io(session, session.device.driver.diagnostic, why="diagnostic"))
+        return to_vardict(await session.device.diagnostic(session))
 
     @method()
     async def Escape(self, code: "u", data: "ay") -> "ay":
         session = self._mine()
         if len(data) > MAX_IO_BYTES:
             raise InvalidArgument(f"escape data is limited to {MAX_IO_BYTES} bytes")
-        return await session.device.io(session, session.device.driver.escape, code, bytes(data), session.mode,
-                                       why="escape")
+        return await session.device.escape(session, code, bytes(data))
 
     @method()
     async def RawReadData(self, size: "u") -> "ay":
         session = self._mine()
         if size > MAX_IO_BYTES:
             raise InvalidArgument(f"size is limited to {MAX_IO_BYTES} bytes")
-        return await session.device.io(session, session.device.driver.read_data, size, session.mode, why="raw read")
+        return await session.device.read_data(session, size)
 
     @method()
     async def RawWriteData(self, data: "ay"):
         session = self._mine()
         if len(data) > MAX_IO_BYTES:
             raise InvalidArgument(f"data is limited to {MAX_IO_BYTES} bytes")
-        await session.device.io(session, session.device.driver.write_data, bytes(data), session.mode, why="raw write")
+        await session.device.write_data(session, bytes(data))
 
     @method()
     async def RawReadCommand(self, size: "u") -> "ay":
         session = self._mine()
         if size > MAX_IO_BYTES:
             raise InvalidArgument(f"size is limited to {MAX_IO_BYTES} bytes")
-        return await session.device.io(session, session.device.driver.read_command, size, session.mode,
-                                       why="raw command read")
+        return await session.device.read_command(session, size)
 
     @method()
     async def RawWriteCommand(self, data: "ay"):
         session = self._mine()
         if len(data) > MAX_IO_BYTES:
             raise InvalidArgument(f"data is limited to {MAX_IO_BYTES} bytes")
-        await session.device.io(session, session.device.driver.write_command, bytes(data), session.mode,
-                                why="raw command write")
+        await session.device.write_command(session, bytes(data))
 
     @method()
     def Subscribe(self):
         session = self._mine()
-        session.subscribed = True
+        session.subscribe(True)
         self.changed({"Subscribed": True})
 
     @method()
     def Unsubscribe(self):
         session = self._mine()
-        session.subscribed = False
+        session.subscribe(False)
         self.changed({"Subscribed": False})
 
     @method()

@@ -66,6 +66,8 @@ class Service(Listener):
         self.item_ifaces: dict[int, dict[int, ItemInterface]] = {}
         self.clients: dict[str, Client] = {}
         self._client_lookups: dict[str, asyncio.Future[Client]] = {}
+        #: Names that left the bus while they were being looked up.
+        self._left_during_lookup: set[str] = set()
         self.event_watchers: set[str] = set()
         #: The event monitor's D-Bus side (agents, registrations: dbus/agents.py), set at start.
         self.events: Any = None
@@ -235,8 +237,9 @@ class Service(Listener):
     async def watch_events(self, name: str | None) -> None:
         if name is None:
             return
-        await self.client(name)  # watched from now on, so the subscription ends when it leaves
-        self.event_watchers.add(name)
+        client = await self.client(name)  # watched from now on, so the subscription ends when it leaves
+        if not client.gone:
+            self.event_watchers.add(name)
 
     def unwatch_events(self, name: str | None) -> None:
         self.event_watchers.discard(name)  # type: ignore[arg-type]
@@ -283,16 +286,21 @@ class Service(Listener):
                 except OSError:
                     pass
             client = Client(name=name, uid=uid, pid=pid, command=command)
-            self.clients[name] = client
-            result.set_result(client)
+            # The match is in place: from here a departure is either seen by NameHasOwner
+            # or arrives as NameOwnerChanged (perhaps before this coroutine resumes).
             has_owner = await self._dbus_call("NameHasOwner", "s", [name])
-            if not has_owner[0]:
-                self._name_lost(name)
+            if not has_owner[0] or name in self._left_during_lookup:
+                client.gone = True
+                self._forget_match(name)
+            else:
+                self.clients[name] = client
+            result.set_result(client)
         except Exception as e:
             if not result.done():
                 result.set_exception(e)
         finally:
             self._client_lookups.pop(name, None)
+            self._left_during_lookup.discard(name)
 
     async def _dbus_call(self, member: str, signature: str, body: list[Any]) -> list[Any]:
         reply = await self.bus.call(Message(destination=DBUS_NAME, path=DBUS_PATH, interface=DBUS_NAME,
@@ -305,13 +313,19 @@ class Service(Listener):
         if not name.startswith(":"):
             return
         self.event_watchers.discard(name)
+        if name in self._client_lookups:
+            self._left_during_lookup.add(name)
         client = self.clients.pop(name, None)
         if client is None:
             return
         log.info("client left the bus", client=name)
+        # Marked gone in this very step: nothing in flight can be granted to it later.
+        self.manager.client_gone(client)
         for callback in list(self.client_left):
             callback(name)
-        self.manager._spawn(self.manager.client_vanished(name))
+        self._forget_match(name)
+
+    def _forget_match(self, name: str) -> None:
         self.manager._spawn(self._dbus_call("RemoveMatch", "s", [
             f"type='signal',sender='{DBUS_NAME}',path='{DBUS_PATH}',interface='{DBUS_NAME}',"
             f"member='NameOwnerChanged',arg0='{name}'"]))

@@ -148,7 +148,7 @@ class SimulatedScanner(Minidriver):
         if not self.connected:
             raise Disconnected(f"device {self.config.id} is unplugged")
 
-    def get_status(self) -> dict[str, Any]:
+    def get_status(self, mode: Mode) -> dict[str, Any]:
         self._check_connected()
         return {
             "online": True,
@@ -252,7 +252,8 @@ class SimulatedScanner(Minidriver):
                 f"y_offset + height must not exceed max_height ({values['max_height']} at {values['resolution']} dpi)")
         return values
 
-    def write_properties(self, item: DriverItem, values: dict[str, Any]) -> None:
+    def write_properties(self, item: DriverItem, values: dict[str, Any], mode: Mode) -> None:
+        self.require_data(mode, "writing properties to the device")
         self._check_connected()
         self.last_settings[item.name] = dict(values)
 
@@ -289,11 +290,11 @@ class SimulatedScanner(Minidriver):
         self.pages_fed += 1
         return page
 
-    def command(self, item: DriverItem, command: str) -> None:
+    def command(self, item: DriverItem, command: str, mode: Mode) -> None:
         self._check_connected()
         if command == "synchronize":
             return
-        super().command(item, command)
+        super().command(item, command, mode)
 
     # -- simulator ----------------------------------------------------------
     def simulate(self, action: str, **arguments: Any) -> Any:
