@@ -1,14 +1,15 @@
 """The per-device advisory lock file that programs outside the service can see and take.
 
 ``<runtime_dir>/devices/<sanitised device id>.lock`` is locked with ``flock(2)``
-(exclusive) by the service for as long as it drives the device — from the moment
-it takes the device lock for any I/O until it lets it go. Another program that
-wants the device to itself takes the same lock, for example::
+(exclusive) by the service for as long as it drives the device: while any hold
+of the device lock lasts, and for the whole life of a data-mode session. Another
+program that wants the device to itself takes the same lock, for example::
 
     flock /run/stillsvc/devices/sim0.lock vendor-scan-tool
 
-and while it holds it, the service does not touch the device: clients get
-``Error.Busy`` ("held by another program") and event monitoring pauses.
+and while it holds it, the service does not touch the device: calls that need
+it wait for the file up to their timeout, the device shows as held by another
+program, and the event monitor launches nothing.
 ``stillctl lock DEVICE -- COMMAND`` does better: it asks the service to stand back
 (ports released, monitoring paused) and receives the service's own locked file
 descriptor, so there is no moment in which a third party could slip in.
