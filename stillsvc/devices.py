@@ -44,6 +44,7 @@ from .errors import (
     NotFound,
     StillError,
     Timeout,
+    quote,
 )
 from .items import AppItem, DriverItem, attach_new_items, build_app_tree, check_dependent, check_writes, \
     synchronize_tree
@@ -531,14 +532,14 @@ class DeviceManager:
     # -- devices ----------------------------------------------------------------
     async def add_device(self, config: DeviceConfig, driver: Minidriver | None = None) -> Device:
         if config.id in self.devices:
-            raise InvalidArgument(f"device id {config.id!r} is already in use")
+            raise InvalidArgument(f"device id {quote(config.id)} is already in use")
         path_element = sanitise_id(config.id)
         if any(sanitise_id(other) == path_element for other in self.devices):
-            raise InvalidArgument(f"device id {config.id!r} clashes with another id's object path")
+            raise InvalidArgument(f"device id {quote(config.id)} clashes with another id's object path")
         if driver is None:
             cls = self.drivers.get(config.driver)
             if cls is None:
-                raise NotFound(f"no driver named {config.driver!r} (installed: {', '.join(sorted(self.drivers))})")
+                raise NotFound(f"no driver named {quote(config.driver)} (installed: {', '.join(sorted(self.drivers))})")
             driver = cls(config, _Host(self, config.id))
             driver._stillsvc_executor = ThreadPoolExecutor(1, thread_name_prefix=f"device-{path_element}")  # type: ignore[attr-defined]
         executor: ThreadPoolExecutor = driver._stillsvc_executor  # type: ignore[attr-defined]
@@ -565,7 +566,7 @@ class DeviceManager:
     def get(self, device_id: str) -> Device:
         device = self.devices.get(device_id)
         if device is None:
-            raise NotFound(f"no device {device_id!r}")
+            raise NotFound(f"no device {quote(device_id)}")
         return device
 
     async def remove_device(self, device_id: str, *, keep_driver: bool = False) -> None:
@@ -607,7 +608,7 @@ class DeviceManager:
     async def replug(self, device_id: str) -> Device:
         entry = self.unplugged.get(device_id)
         if entry is None:
-            raise NotFound(f"device {device_id!r} is not unplugged")
+            raise NotFound(f"device {quote(device_id)} is not unplugged")
         config, driver = entry
         return await self.add_device(config, driver)
 
@@ -617,7 +618,7 @@ class DeviceManager:
         while a transfer occupies the device."""
         driver = self.simulators.get(device_id)
         if driver is None:
-            raise NotFound(f"no simulated device {device_id!r}")
+            raise NotFound(f"no simulated device {quote(device_id)}")
         return await asyncio.to_thread(driver.simulate, action, **arguments)
 
     def item_report(self, device_id: str) -> list[dict[str, Any]]:
@@ -632,7 +633,7 @@ class DeviceManager:
         if present is not None:
             report += [{**entry, "present": True, "generation": len(earlier)} for entry in present.item_report()]
         elif not earlier:
-            raise NotFound(f"no device {device_id!r}")
+            raise NotFound(f"no device {quote(device_id)}")
         return report
 
     # -- sessions ---------------------------------------------------------------

@@ -126,7 +126,8 @@ class PropertySpec:
         if self.signature in _INTEGER_RANGES:
             low, high = _INTEGER_RANGES[self.signature]
             if not low <= value <= high:
-                raise InvalidArgument(f"property {self.name} takes type '{self.signature}': {value} is out of its range")
+                raise InvalidArgument(f"property {self.name} takes type '{self.signature}': "
+                                      f"{quote(value)} is out of its range")
         if self.signature == "d":
             value = float(value)
         return value
@@ -386,7 +387,7 @@ def check_writes(app: AppItem, writes: Mapping[str, Any], dependent: set[str]) -
 def check_dependent(values: Mapping[str, Any], valid: Mapping[str, Valid]) -> None:
     for name, allowed in valid.items():
         if allowed is not None and name in values and not allowed.check(values[name]):
-            raise InvalidArgument(f"invalid value {values[name]!r} for property {name}: "
+            raise InvalidArgument(f"invalid value {quote(values[name])} for property {name}: "
                                   f"valid is {allowed.describe()}")
 
 

@@ -36,7 +36,7 @@ from typing import Any
 import structlog
 
 from .config import Limits
-from .errors import AccessDenied, Failed, InvalidArgument, LimitExceeded, NotFound
+from .errors import AccessDenied, Failed, InvalidArgument, LimitExceeded, NotFound, quote
 
 log = structlog.get_logger(__name__)
 
@@ -146,7 +146,7 @@ def expand(command: Iterable[str], values: dict[str, str]) -> list[str]:
 
 def check_name(name: str) -> str:
     if not NAME_RE.match(name):
-        raise InvalidArgument(f"application name {name[:80]!r} must be 1-64 letters, digits and _.+- "
+        raise InvalidArgument(f"application name {quote(name)} must be 1-64 letters, digits and _.+- "
                               "starting with a letter or digit")
     return name
 
@@ -162,7 +162,8 @@ def check_command(command: list[str], limits: Limits) -> tuple[str, ...]:
         for m in re.finditer(r"%(.?)", argument):
             if m.group(1) not in PLACEHOLDERS:
                 known = ", ".join(f"%{k} ({v})" for k, v in PLACEHOLDERS.items())
-                raise InvalidArgument(f"unknown placeholder %{m.group(1)} in {argument[:80]!r} (known: {known})")
+                raise InvalidArgument(f"unknown placeholder {quote('%' + m.group(1))} in {quote(argument)} "
+                                      f"(known: {known})")
     return tuple(command)
 
 
@@ -171,7 +172,7 @@ def check_events(events: list[str]) -> tuple[str, ...]:
         raise InvalidArgument(f"at most {MAX_LIST} event names")
     for event in events:
         if not EVENT_RE.match(event):
-            raise InvalidArgument(f"event name {event[:80]!r} is not valid")
+            raise InvalidArgument(f"event name {quote(event)} is not valid")
     return tuple(dict.fromkeys(events))
 
 
@@ -181,22 +182,22 @@ def check_devices(devices: list[str]) -> tuple[str, ...]:
     for spec in devices:
         kind, sep, value = spec.partition(":")
         if not sep or kind not in DEVICE_KINDS or not value or len(value) > MAX_MATCH_VALUE:
-            raise InvalidArgument(f"device specification {spec[:80]!r} must be id:ID, vendor:VENDOR or "
+            raise InvalidArgument(f"device specification {quote(spec)} must be id:ID, vendor:VENDOR or "
                                   f"model:MODEL (values up to {MAX_MATCH_VALUE} characters)")
         if kind == "id" and not DEVICE_ID_RE.match(value):
-            raise InvalidArgument(f"device id {value[:80]!r} is not valid")
+            raise InvalidArgument(f"device id {quote(value)} is not valid")
     return tuple(dict.fromkeys(devices))
 
 
 def check_device_id(device_id: str) -> str:
     if not DEVICE_ID_RE.match(device_id):
-        raise InvalidArgument(f"device id {device_id[:80]!r} is not valid")
+        raise InvalidArgument(f"device id {quote(device_id)} is not valid")
     return device_id
 
 
 def check_event(event: str) -> str:
     if not EVENT_RE.match(event):
-        raise InvalidArgument(f"event name {event[:80]!r} is not valid")
+        raise InvalidArgument(f"event name {quote(event)} is not valid")
     return event
 
 
@@ -267,7 +268,7 @@ class Registry:
         else:
             found = self.get(USER, uid, ref)
         if found is None:
-            raise NotFound(f"no application registered as {ref!r}")
+            raise NotFound(f"no application registered as {quote(ref)}")
         return found
 
     # -- changing -----------------------------------------------------------------------------
@@ -280,7 +281,7 @@ class Registry:
         if uid is None:
             raise AccessDenied("the service cannot tell which user is calling")
         if scope not in SCOPES:
-            raise InvalidArgument(f"scope must be 'user' or 'system', not {scope!r}")
+            raise InvalidArgument(f"scope must be 'user' or 'system', not {quote(scope)}")
         if scope == SYSTEM and not (self.is_admin(uid) if admin is None else admin):
             raise AccessDenied("only administrators may register system-wide applications")
         check_name(name)
@@ -310,7 +311,7 @@ class Registry:
         if uid is None:
             raise AccessDenied("the service cannot tell which user is calling")
         if scope not in SCOPES:
-            raise InvalidArgument(f"scope must be 'user' or 'system', not {scope!r}")
+            raise InvalidArgument(f"scope must be 'user' or 'system', not {quote(scope)}")
         if scope == SYSTEM and not (self.is_admin(uid) if admin is None else admin):
             raise AccessDenied("only administrators may remove system-wide applications")
         check_name(name)
@@ -318,7 +319,7 @@ class Registry:
         registration = state.applications.pop(key_of(scope, uid, name), None)
         if registration is None:
             what = "system-wide application" if scope == SYSTEM else "application of yours"
-            raise NotFound(f"no {what} is registered as {name!r}")
+            raise NotFound(f"no {what} is registered as {quote(name)}")
         for where, default in list(state.defaults.items()):
             if default.target == registration.key:
                 del state.defaults[where]
@@ -358,10 +359,10 @@ class Registry:
             _, _, rest = ref.partition(":")
             owner, _, name = rest.partition(":")
             if not owner.isdigit():
-                raise InvalidArgument(f"{ref!r}: expected user:UID:NAME")
+                raise InvalidArgument(f"{quote(ref)}: expected user:UID:NAME")
             registration = self.get(USER, int(owner), name)
             if registration is None:
-                raise NotFound(f"no application registered as {ref!r}")
+                raise NotFound(f"no application registered as {quote(ref)}")
         else:
             registration = self.resolve(ref, uid)
         default = Default(device_id, event, registration.scope,

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from .driver import Mode
-from .errors import AccessDenied, Disconnected, NotFound
+from .errors import AccessDenied, Disconnected, NotFound, quote
 
 if TYPE_CHECKING:
     from .devices import Device
@@ -98,7 +98,7 @@ class Session:
         for item in self.root_item.walk() if self.root_item else ():
             if item.path == path:
                 return item
-        raise NotFound(f"session {self.number} has no item {path!r}")
+        raise NotFound(f"session {self.number} has no item {quote(path)}")
 
     # -- ownership and state ---------------------------------------------------
     @property

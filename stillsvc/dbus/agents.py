@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 import structlog
 from dbus_fast import Message, MessageType, Variant
 
-from ..errors import AccessDenied, InvalidArgument, NotFound
+from ..errors import AccessDenied, InvalidArgument, NotFound, quote
 from ..events import Agent, AgentError, ChoiceRequest, EventMonitor, LaunchRequest
 from ..names import AGENT_IFACE
 from ..registry import SYSTEM, USER, Registration
@@ -60,7 +60,7 @@ class AgentBridge:
         if sender is None:
             raise AccessDenied("the service cannot tell who is calling")
         if not _PATH_RE.match(path) or len(path) > 255:
-            raise InvalidArgument(f"{path[:80]!r} is not a valid object path")
+            raise InvalidArgument(f"{quote(path)} is not a valid object path")
         client = await self.service.client(sender)
         if client.uid is None:
             raise AccessDenied("the bus did not tell the service which user this agent runs as")
@@ -73,7 +73,7 @@ class AgentBridge:
 
     def unregister_agent(self, sender: str | None, path: str) -> None:
         if sender is None or self.agents.remove(sender, path) is None:
-            raise InvalidArgument(f"no agent at {path[:80]!r} is registered for this connection")
+            raise InvalidArgument(f"no agent at {quote(path)} is registered for this connection")
 
     def connection_left(self, name: str) -> None:
         self.agents.remove_owner(name)
@@ -172,7 +172,7 @@ class AgentBridge:
                 raise AccessDenied("only administrators may remove other users' applications")
             registration = self.registry.get(USER, owner, name)
             if registration is None:
-                raise NotFound(f"user {owner} has no application registered as {name[:80]!r}")
+                raise NotFound(f"user {owner} has no application registered as {quote(name)}")
             await self.registry.unregister(owner, name, USER)
             return
         admin = await self._admin(sender, uid) if scope == SYSTEM else None

@@ -14,6 +14,11 @@
    the connection. :class:`PatientSocket` reports "0 bytes sent" instead, so the
    library waits for the socket to become writable and carries on.
 
+4. *Descriptors.* Neither library closes a received file descriptor. Here a
+   descriptor belongs to a method only once the method has accepted it
+   (:func:`take_fd`); every other one is closed, whether the method ran or not
+   (see :class:`_CallDescriptors`).
+
 Also here: unicast signals (a signal with a destination, for event notifications
 that must reach one client only) and the ObjectManager signals, which dbus-fast
 would otherwise send from the child's path instead of the manager's.
@@ -21,6 +26,7 @@ would otherwise send from the child's path instead of the manager's.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import contextvars
 import functools
@@ -44,6 +50,10 @@ from .authority import OWNER, PUBLIC, rule_for
 log = structlog.get_logger(__name__)
 
 _caller: contextvars.ContextVar[str | None] = contextvars.ContextVar("stillsvc_caller", default=None)
+
+#: The descriptors of the method call being dispatched (None if it brought none).
+_descriptors: contextvars.ContextVar[_CallDescriptors | None] = contextvars.ContextVar(
+    "stillsvc_descriptors", default=None)
 
 #: How long a blocked send with file descriptors may wait for the socket (seconds).
 _FD_SEND_WAIT = 5.0
@@ -81,6 +91,69 @@ def _errors_mapped(fn: Callable[..., Any]) -> Iterator[None]:
         raise _internal_error(fn, e) from None
 
 
+class _CallDescriptors:
+    """The descriptors one method call brought, until its method takes them.
+
+    Whoever received a descriptor must close it, and a client may attach
+    descriptors to any call. So: the method wrapper that starts for the call
+    *claims* the descriptors (first thing, before any await); the method takes the
+    ones it accepts with :func:`take_fd`; when the wrapper ends, the rest are
+    closed. If no wrapper ever claims them — a message handler refused the call,
+    no method matched, the library answered it itself — :meth:`close_unclaimed`
+    closes them all after dispatch. (Descriptors that no ``h`` argument refers to
+    never get here: they are closed before dispatch.)
+    """
+
+    __slots__ = ("fds", "claimed")
+
+    def __init__(self, fds: list[int]) -> None:
+        self.fds = fds
+        self.claimed = False
+
+    def claim(self) -> bool:
+        """True for the first wrapper to start (the call's method); False for any
+        other (a method called from within it, or too late)."""
+        if self.claimed:
+            return False
+        self.claimed = True
+        return True
+
+    def take(self, fd: int) -> int:
+        try:
+            self.fds.remove(fd)
+        except ValueError:
+            # Taken already, or closed: the number may now be another file's.
+            raise RuntimeError(f"descriptor {fd} is not one this call brought and still holds") from None
+        return fd
+
+    def close(self) -> None:
+        fds, self.fds = self.fds, []
+        close_fds(fds)
+
+    def close_unclaimed(self) -> None:
+        if self.claim():
+            self.close()
+
+
+def take_fd(fd: int) -> int:
+    """Accept ``fd``, an ``h`` argument of the current call: from now on the method
+    owns it and must see that it is closed. Call it once the method has decided to
+    keep the descriptor (after every check that may still refuse the call); a
+    descriptor not taken is closed by the method wrapper when the method ends.
+
+    Raises RuntimeError for a descriptor the call does not hold (any more): its
+    number may already be another file's, so it must not be used."""
+    box = _descriptors.get()
+    if box is None:
+        raise RuntimeError(f"descriptor {fd} is not one the current call brought")
+    return box.take(fd)
+
+
+def _claim_descriptors() -> _CallDescriptors | None:
+    box = _descriptors.get()
+    return box if box is not None and box.claim() else None
+
+
 def _authority(interface: Any) -> Any:
     return getattr(getattr(interface, "service", None), "authority", None)
 
@@ -95,24 +168,34 @@ def method(name: str | None = None) -> Callable[[Callable[..., Any]], Any]:
 
             @functools.wraps(fn)
             async def wrapper(*args: Any) -> Any:
-                with _errors_mapped(fn):
-                    authority = _authority(args[0])
-                    if authority is not None:
-                        await authority.check(caller(), args[0].name, member)
-                    return await fn(*args)
+                descriptors = _claim_descriptors()  # before any await: see ServiceBus._process_message
+                try:
+                    with _errors_mapped(fn):
+                        authority = _authority(args[0])
+                        if authority is not None:
+                            await authority.check(caller(), args[0].name, member)
+                        return await fn(*args)
+                finally:
+                    if descriptors is not None:
+                        descriptors.close()
 
         else:
 
             @functools.wraps(fn)
             def wrapper(*args: Any) -> Any:
-                with _errors_mapped(fn):
-                    authority = _authority(args[0])
-                    if authority is not None:
-                        # Methods that need polkit are coroutines; these need no check.
-                        rule = rule_for(args[0].name, member)
-                        if rule not in (PUBLIC, OWNER) and authority.mode != "none":
-                            raise RuntimeError(f"{member} needs {rule} but is not a coroutine")
-                    return fn(*args)
+                descriptors = _claim_descriptors()
+                try:
+                    with _errors_mapped(fn):
+                        authority = _authority(args[0])
+                        if authority is not None:
+                            # Methods that need polkit are coroutines; these need no check.
+                            rule = rule_for(args[0].name, member)
+                            if rule not in (PUBLIC, OWNER) and authority.mode != "none":
+                                raise RuntimeError(f"{member} needs {rule} but is not a coroutine")
+                        return fn(*args)
+                finally:
+                    if descriptors is not None:
+                        descriptors.close()
 
         return _dbus_method(name=name)(wrapper)
 
@@ -140,8 +223,10 @@ class PatientSocket(socket.socket):
             except BlockingIOError:
                 if not ancdata:
                     return 0
-                _, writable, _ = select.select([], [self], [], _FD_SEND_WAIT)
-                if not writable:
+                # poll(), not select(): the descriptor limit may be above FD_SETSIZE.
+                poller = select.poll()
+                poller.register(self, select.POLLOUT)
+                if not poller.poll(_FD_SEND_WAIT * 1000):
                     raise
 
 
@@ -185,10 +270,8 @@ def close_fds(fds: list[int]) -> None:
 class ServiceBus(MessageBus):
     """A MessageBus with the repairs described in this module's docstring.
 
-    Descriptors: a call that carries file descriptors hands them to its method
-    only if the method is registered in :attr:`fd_consumers` (and then the method
-    owns and closes them); for every other call — refused, unknown, or one that
-    simply takes no descriptor — they are closed once the call is dispatched.
+    Descriptors: a method owns a descriptor of its call only once it has taken
+    it with :func:`take_fd`; all others are closed (see :class:`_CallDescriptors`).
     A ``h`` index with no descriptor behind it is refused before dispatch, so it
     can never be mistaken for one of the service's own descriptors.
     """
@@ -197,8 +280,6 @@ class ServiceBus(MessageBus):
         super().__init__(bus_address=bus_address, negotiate_unix_fd=True, **kwargs)
         #: The one path that answers ObjectManager calls (see Service).
         self.object_manager_path = "/"
-        #: (interface, member, signature) of methods that take ownership of descriptors.
-        self.fd_consumers: set[tuple[str, str, str]] = set()
         self.add_message_handler(self._remember_caller)
 
     def _process_message(self, msg: Message) -> None:
@@ -216,7 +297,13 @@ class ServiceBus(MessageBus):
                 self.send(Message.new_error(msg, "org.freedesktop.DBus.Error.InvalidArgs",
                                             "a file descriptor argument refers to no descriptor in the message"))
             return
-        consumed = bool(indexes) and (msg.interface, msg.member, msg.signature) in self.fd_consumers
+        # A descriptor no argument refers to can reach no method: close it now. The
+        # others wait for the method; its wrapper finds them here, a sync method's
+        # during dispatch, an async method's in its task (a copy of this context).
+        referenced = set(indexes)
+        close_fds([fd for i, fd in enumerate(fds) if i not in referenced])
+        descriptors = _CallDescriptors([fds[i] for i in sorted(referenced)]) if referenced else None
+        token = _descriptors.set(descriptors)
         try:
             super()._process_message(msg)
         except DBusError as e:
@@ -225,8 +312,12 @@ class ServiceBus(MessageBus):
                 raise
             log.debug("refused a call that expects no reply", member=msg.member, error=e.type)
         finally:
-            if fds and not consumed:
-                close_fds(fds)
+            _descriptors.reset(token)
+            if descriptors is not None:
+                # A sync method has run by now. An async method's task was created
+                # during dispatch, and asyncio scheduled its first step (where the
+                # wrapper claims the descriptors) then, so it runs before this callback.
+                asyncio.get_running_loop().call_soon(descriptors.close_unclaimed)
 
     def _future_exception_no_reply(self, fut: Any) -> None:
         # An async method called without a reply expected: its refusal is no error.
@@ -235,7 +326,6 @@ class ServiceBus(MessageBus):
             log.debug("refused a call that expects no reply", error=fut.exception().type)
             return
         super()._future_exception_no_reply(fut)
-        self.add_message_handler(self._remember_caller)
 
     @staticmethod
     def _create_socket_for_transport(transport: str, options: dict[str, str]) -> Any:

@@ -17,7 +17,7 @@ from ..imaging import FORMATS
 from ..items import AppItem, describe_property
 from ..names import ITEM_IFACE, sanitise_id, session_path
 from ..transfer import Transfer
-from .bus import caller, close_fds, method
+from .bus import caller, method, take_fd
 from .variants import check_options, from_variant, to_vardict
 
 if TYPE_CHECKING:
@@ -91,7 +91,12 @@ class ItemInterface(ServiceInterface):
         app = self._mine()
         if len(values) > MAX_WRITES:
             raise InvalidArgument(f"at most {MAX_WRITES} properties per call")
-        plain = {name: from_variant(v) for name, v in values.items()}
+        plain = {}
+        for name, variant in values.items():
+            try:
+                plain[name] = from_variant(variant)
+            except InvalidArgument as e:
+                raise InvalidArgument(f"property {quote(name)}: {e.message}") from None
         changed = await self.session.device.write_item_properties(app, plain)
         if changed:
             self.properties_changed({"Properties": Variant("a{sv}", {
@@ -99,20 +104,16 @@ class ItemInterface(ServiceInterface):
 
     @method()
     async def Transfer(self, fd: "h", format: "s", options: "a{sv}") -> "a{sv}":
-        try:
-            app = self._mine()
-            self.session.check_open()
-            check_options(options, set())
-            if self.transfer is not None:
-                raise InvalidArgument(f"a transfer from item {app.name} is already running")
-            fmt = format or app.values.get("format", "png")
-            if fmt not in FORMATS:
-                raise InvalidArgument(f"unknown format {quote(fmt)} (formats: {', '.join(FORMATS)})")
-            transfer = Transfer(self.session.device, self.session, app, fd, fmt, progress=self._progress)
-        except BaseException:
-            close_fds([fd])
-            raise
-        fd = -1  # the transfer owns it now
+        app = self._mine()
+        self.session.check_open()
+        check_options(options, set())
+        if self.transfer is not None:
+            raise InvalidArgument(f"a transfer from item {app.name} is already running")
+        fmt = format or app.values.get("format", "png")
+        if fmt not in FORMATS:
+            raise InvalidArgument(f"unknown format {quote(fmt)} (formats: {', '.join(FORMATS)})")
+        transfer = Transfer(self.session.device, self.session, app, fd, fmt, progress=self._progress)
+        take_fd(fd)  # accepted: the transfer owns it now and closes it when it ends
         self.transfer = transfer
         self.session.transfers.add(transfer)
         try:

@@ -24,7 +24,6 @@ from ..names import (
     BUS_NAME,
     DEVICE_IFACE,
     IFACE_PREFIX,
-    ITEM_IFACE,
     MANAGER_IFACE,
     SESSIONS_PATH,
     ROOT_PATH,
@@ -78,7 +77,6 @@ class Service(Listener):
     async def start(self) -> None:
         self.bus.add_message_handler(self._handle)
         self.bus.object_manager_path = ROOT_PATH
-        self.bus.fd_consumers.add((ITEM_IFACE, "Transfer", "hsa{sv}"))
         self.bus.export(ROOT_PATH, self.manager_iface)
         self.manager.listeners.append(self)
         for device in self.manager.devices.values():

@@ -44,9 +44,13 @@ def to_vardict(values: dict[str, Any]) -> dict[str, Variant]:
 
 
 def from_variant(variant: Variant) -> Any:
+    """The plain value of a client's variant (``a{sv}`` and ``av`` become dicts and lists).
+
+    A variant inside a variant is refused, not unwrapped: that would let a client
+    pass ``v`` → ``v`` → ``u`` where ``u`` is asked for."""
     value = variant.value
     if isinstance(value, Variant):
-        return from_variant(value)
+        raise InvalidArgument(f"type '{variant.signature}' holding a variant: a variant inside a variant is not accepted")
     if variant.signature == "a{sv}":
         return {k: from_variant(v) for k, v in value.items()}
     if variant.signature == "av":
