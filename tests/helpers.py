@@ -274,3 +274,86 @@ async def wait_until(predicate: Callable[[], Any], timeout: float = TIMEOUT, wha
             raise TimeoutError(f"{what} did not happen within {timeout} s")
         await asyncio.sleep(delay)
         delay = min(delay * 2, 0.05)
+
+
+# -- clients that vanish, and what a daemon holds (tests/test_races.py, test_chaos.py) ----------
+
+import fcntl  # noqa: E402  (kept with the helpers below that need it)
+import xml.etree.ElementTree as ElementTree  # noqa: E402
+
+
+def kill_connections(*buses: MessageBus) -> None:
+    """Drop connections the way the kernel does when their process is killed with
+    SIGKILL: every socket is closed outright, one after the other in a single
+    synchronous step (no await in between, so the bus sees them go in the same
+    instant), with no shutdown handshake and nothing more written. Calls still
+    waiting for a reply on them fail with ConnectionResetError."""
+    for bus in buses:
+        bus._user_disconnect = True  # our own doing: the disconnect future ends without an error
+        bus._finalize(ConnectionResetError("connection killed by the test"))
+
+
+def send_now(bus: MessageBus, path: str, interface: str, member: str, signature: str = "",
+             body: list[Any] | None = None, destination: str = BUS_NAME) -> None:
+    """Send a method call without waiting for its reply. It is written to the socket
+    before this returns, so a kill_connections() right after cannot keep it from the
+    bus: the call is in flight, and its sender gone before any reply."""
+    msg = Message(destination=destination, path=path, interface=interface, member=member, signature=signature,
+                  body=body or [])
+    written = bus.send(msg)
+    if not written.done():
+        raise RuntimeError(f"{member} was queued, not written at once (is the connection busy?)")
+    if written.exception() is not None:
+        raise written.exception()
+
+
+def names_client(description: str, unique_name: str) -> bool:
+    """Whether a holder description such as ':1.42 (pid 1234, simple-scan)' is that client's."""
+    return description == unique_name or description.startswith(unique_name + " ")
+
+
+async def session_objects(bus: MessageBus) -> list[str]:
+    """The session objects the daemon exports now (from introspecting the sessions node)."""
+    (xml,) = await call(bus, f"{ROOT}/sessions", "org.freedesktop.DBus.Introspectable", "Introspect")
+    return sorted(node.attrib["name"] for node in ElementTree.fromstring(xml).findall("node"))
+
+
+def lock_file_free(path: str) -> bool:
+    """Whether nobody holds the device's lock file, as ``flock -n LOCKFILE true`` would
+    find it: a non-blocking exclusive flock(2) on a descriptor of our own (its own open
+    file, so it conflicts with every other holder), released at once."""
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return False
+    finally:
+        os.close(fd)  # closing our only descriptor of the open file releases the lock
+    return True
+
+
+def open_fds(pid: int) -> dict[int, str]:
+    """A process's open descriptors and what each refers to (from /proc/PID/fd)."""
+    fds: dict[int, str] = {}
+    for entry in os.listdir(f"/proc/{pid}/fd"):
+        try:
+            fds[int(entry)] = os.readlink(f"/proc/{pid}/fd/{entry}")
+        except FileNotFoundError:  # closed while we looked
+            pass
+    return fds
+
+
+def vm_rss_kib(pid: int) -> int:
+    """A process's resident memory, VmRSS from /proc/PID/status, in KiB."""
+    with open(f"/proc/{pid}/status", encoding="ascii") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+    raise RuntimeError(f"no VmRSS for pid {pid}")
+
+
+def assert_daemon_healthy(daemon: Daemon) -> None:
+    """Still running, and nothing went wrong inside it: no Python traceback in its log."""
+    assert daemon.proc is not None and daemon.proc.poll() is None, f"the daemon exited ({daemon.proc.returncode})"
+    log = daemon.log
+    assert "Traceback" not in log, log[max(0, log.find("Traceback") - 3000):log.find("Traceback") + 3000]
