@@ -357,3 +357,25 @@ def assert_daemon_healthy(daemon: Daemon) -> None:
     assert daemon.proc is not None and daemon.proc.poll() is None, f"the daemon exited ({daemon.proc.returncode})"
     log = daemon.log
     assert "Traceback" not in log, log[max(0, log.find("Traceback") - 3000):log.find("Traceback") + 3000]
+
+
+def unwrap(value: Any) -> Any:
+    """A reply's variants, dicts and lists as plain Python values."""
+    if isinstance(value, Variant):
+        return unwrap(value.value)
+    if isinstance(value, dict):
+        return {k: unwrap(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [unwrap(v) for v in value]
+    return value
+
+
+async def readable(fd: int, timeout: float = 5.0) -> None:
+    """Wait until ``fd`` has data (the service has started writing into it)."""
+    loop = asyncio.get_running_loop()
+    ready = loop.create_future()
+    loop.add_reader(fd, lambda: ready.done() or ready.set_result(None))
+    try:
+        await asyncio.wait_for(ready, timeout)
+    finally:
+        loop.remove_reader(fd)

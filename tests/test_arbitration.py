@@ -45,6 +45,8 @@ from helpers import (
     create_session,
     expect_error,
     get_property,
+    readable,
+    unwrap,
     wait_until,
 )
 
@@ -52,16 +54,6 @@ PROPERTIES = "org.freedesktop.DBus.Properties"
 
 
 # -- helpers -------------------------------------------------------------------------------------
-
-def unwrap(value: Any) -> Any:
-    if isinstance(value, Variant):
-        return unwrap(value.value)
-    if isinstance(value, dict):
-        return {k: unwrap(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [unwrap(v) for v in value]
-    return value
-
 
 def now() -> float:
     return asyncio.get_running_loop().time()
@@ -232,17 +224,6 @@ async def slow_transfer(bus, item: str) -> tuple[dict[str, Any], bytes, float]:
         os.close(w)
         data = await asyncio.wait_for(reader, 20)
     return unwrap(summary), data, elapsed
-
-
-async def readable(fd: int, timeout: float = 5.0) -> None:
-    """Wait until ``fd`` has data: the service has started writing into it."""
-    loop = asyncio.get_running_loop()
-    ready = loop.create_future()
-    loop.add_reader(fd, lambda: ready.done() or ready.set_result(None))
-    try:
-        await asyncio.wait_for(ready, timeout)
-    finally:
-        loop.remove_reader(fd)
 
 
 async def settle(reply: asyncio.Future) -> None:

@@ -15,22 +15,22 @@ import os
 import pytest
 from dbus_fast import DBusError, Message, MessageFlag
 
-from helpers import BUS_NAME, ERROR, ITEM, ROOT, SESSION, SIM0, call, create_session, get_property, wait_until
+from helpers import BUS_NAME, ERROR, ITEM, ROOT, SESSION, SIM0, call, create_session, get_property, open_fds, wait_until
 
 REPEAT = 1000
 STANDARD_ERROR = "org.freedesktop.DBus.Error."
 PEER = "org.freedesktop.DBus.Peer"
 
 
-def open_fds(daemon) -> int:
-    return len(os.listdir(f"/proc/{daemon.proc.pid}/fd"))
+def fd_count(daemon) -> int:
+    return len(open_fds(daemon.proc.pid))
 
 
 async def assert_fd_count_returns(daemon, before: int, what: str) -> None:
     try:
-        await wait_until(lambda: open_fds(daemon) == before, timeout=5, what=what)
+        await wait_until(lambda: fd_count(daemon) == before, timeout=5, what=what)
     except TimeoutError:
-        raise AssertionError(f"{what}: the daemon had {before} descriptors and now has {open_fds(daemon)}") from None
+        raise AssertionError(f"{what}: the daemon had {before} descriptors and now has {fd_count(daemon)}") from None
 
 
 async def flatbed(bus) -> str:
@@ -54,34 +54,34 @@ async def repeat_refused(bus, path: str, body: list, fd_count: int, expected_err
 
 async def test_a_transfer_to_a_session_that_does_not_exist_keeps_no_descriptor(daemon, client) -> None:
     await flatbed(client)  # a session exists, just not this one
-    before = open_fds(daemon)
+    before = fd_count(daemon)
     await repeat_refused(client, f"{ROOT}/sessions/999999/items/Root/Flatbed", [0, "png", {}], 1, f"{ERROR}.NotFound")
     await assert_fd_count_returns(daemon, before, "transfers to a missing session")
 
 
 async def test_a_transfer_to_an_object_without_items_keeps_no_descriptor(daemon, client) -> None:
-    before = open_fds(daemon)
+    before = fd_count(daemon)
     await repeat_refused(client, SIM0, [0, "png", {}], 1, f"{STANDARD_ERROR}UnknownMethod")
     await assert_fd_count_returns(daemon, before, "transfers to a device object")
 
 
 async def test_a_transfer_with_the_wrong_signature_keeps_no_descriptor(daemon, client) -> None:
     item = await flatbed(client)
-    before = open_fds(daemon)
+    before = fd_count(daemon)
     await repeat_refused(client, item, [0, "png"], 1, f"{STANDARD_ERROR}UnknownMethod", signature="hs")
     await assert_fd_count_returns(daemon, before, "transfers with the wrong signature")
 
 
 async def test_a_transfer_refused_to_another_client_keeps_no_descriptor(daemon, client, client2) -> None:
     theirs = await flatbed(client)
-    before = open_fds(daemon)
+    before = fd_count(daemon)
     await repeat_refused(client2, theirs, [0, "png", {}], 1, f"{ERROR}.AccessDenied")
     await assert_fd_count_returns(daemon, before, "transfers from another client's item")
 
 
 async def test_a_refused_transfer_closes_the_descriptors_it_did_not_use(daemon, client) -> None:
     item = await flatbed(client)
-    before = open_fds(daemon)
+    before = fd_count(daemon)
     # Two descriptors, the argument names the second: the first is never used.
     await repeat_refused(client, item, [1, "no-such-format", {}], 2, f"{ERROR}.InvalidArgument")
     await assert_fd_count_returns(daemon, before, "refused transfers with an unused descriptor")
@@ -89,7 +89,7 @@ async def test_a_refused_transfer_closes_the_descriptors_it_did_not_use(daemon, 
 
 async def test_refused_transfers_that_expect_no_reply_keep_no_descriptor(daemon, client) -> None:
     item = await flatbed(client)
-    before = open_fds(daemon)
+    before = fd_count(daemon)
     for path, fmt in ((f"{ROOT}/sessions/999999/items/Root/Flatbed", "png"), (item, "no-such-format")):
         for n in range(REPEAT):
             fd = os.open(os.devnull, os.O_WRONLY)
@@ -123,7 +123,7 @@ def read_all(fd: int) -> bytes:
 
 async def test_a_transfer_keeps_the_descriptor_it_uses_and_closes_the_other(daemon, client) -> None:
     item = await flatbed(client)
-    before = open_fds(daemon)
+    before = fd_count(daemon)
     unused_r, unused_w = os.pipe()
     os.set_blocking(unused_r, False)
     r, w = os.pipe()

@@ -29,6 +29,8 @@ from helpers import (
     create_session,
     expect_error,
     get_property,
+    readable,
+    unwrap,
     wait_until,
 )
 from stillsvc.imaging import ImageInfo, parse_raw, pattern_page
@@ -43,16 +45,6 @@ BIG = {"resolution": 600}  # the whole bed in colour at 600 dpi: about 107 MB of
 
 
 # -- helpers -------------------------------------------------------------------------------------
-
-def unwrap(value: Any) -> Any:
-    if isinstance(value, Variant):
-        return unwrap(value.value)
-    if isinstance(value, dict):
-        return {k: unwrap(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [unwrap(v) for v in value]
-    return value
-
 
 async def open_items(bus, mode: str = "data", device: str = "sim0") -> tuple[str, str]:
     """A session and its root item's path."""
@@ -108,17 +100,6 @@ async def transfer(bus, item: str, fmt: str, options: dict[str, Variant] | None 
         os.close(w)
         data = await reader
     return unwrap(summary), data
-
-
-async def readable(fd: int, timeout: float = 5.0) -> None:
-    """Wait until ``fd`` has data (the service has started writing into it)."""
-    loop = asyncio.get_running_loop()
-    ready = loop.create_future()
-    loop.add_reader(fd, lambda: ready.done() or ready.set_result(None))
-    try:
-        await asyncio.wait_for(ready, timeout)
-    finally:
-        loop.remove_reader(fd)
 
 
 async def drain(fd: int, timeout: float = 5.0) -> int:
