@@ -45,10 +45,10 @@ for _p in (REPO, REPO / "tests", REPO / "bench"):
         sys.path.insert(0, str(_p))
 
 from dbus_fast import Message, MessageType  # noqa: E402
-
 from helpers import call, connect, create_session  # noqa: E402
 from roundtrip import percentile, service  # noqa: E402
-from stillsvc.names import BUS_NAME, ROOT_PATH, SESSION_IFACE, SIMULATOR_IFACE, device_path  # noqa: E402
+
+from stillsvc.common.names import BUS_NAME, ROOT_PATH, SESSION_IFACE, SIMULATOR_IFACE, device_path  # noqa: E402
 
 TARGET_P99_MS = 5.0
 TARGET_IDLE_MS = 10.0

@@ -42,8 +42,8 @@ import statistics
 import subprocess
 import sys
 import time
-from pathlib import Path
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 REPO = Path(__file__).resolve().parent.parent
@@ -53,11 +53,17 @@ for _p in (REPO, REPO / "tests", REPO / "bench"):
 
 from dbus_fast import DBusError, Message, MessageType, Variant  # noqa: E402
 from dbus_fast.aio import MessageBus  # noqa: E402
-
 from helpers import connect, create_session, dbus_call, get_property  # noqa: E402
 from roundtrip import PEER, Timed, emit, interleaved, percentile, service, table  # noqa: E402
-from stillsvc.names import BUS_NAME, DEVICE_IFACE, MANAGER_IFACE, ROOT_PATH, SESSION_IFACE, \
-    device_path  # noqa: E402
+
+from stillsvc.common.names import (
+    BUS_NAME,
+    DEVICE_IFACE,
+    MANAGER_IFACE,
+    ROOT_PATH,
+    SESSION_IFACE,
+    device_path,  # noqa: E402
+)
 
 CONFIG = Path(__file__).resolve().parent / "locks.toml"
 TARGET_HANDOVER_MS = 20.0

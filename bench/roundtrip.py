@@ -52,9 +52,9 @@ for _p in (REPO, REPO / "tests"):
 
 from dbus_fast import DBusError, Message, MessageType  # noqa: E402
 from dbus_fast.aio import MessageBus  # noqa: E402
-
 from helpers import Daemon, DBusDaemon, connect, create_session, wait_for_name  # noqa: E402
-from stillsvc.names import (  # noqa: E402
+
+from stillsvc.common.names import (  # noqa: E402
     BUS_NAME,
     DEVICE_IFACE,
     MANAGER_IFACE,

@@ -44,10 +44,10 @@ for _p in (REPO, REPO / "tests", REPO / "bench"):
 
 from dbus_fast import DBusError, Message, MessageType, Variant  # noqa: E402
 from dbus_fast.aio import MessageBus  # noqa: E402
-
 from helpers import call, connect, create_session, get_property  # noqa: E402
 from roundtrip import emit, percentile, service, table  # noqa: E402
-from stillsvc.names import BUS_NAME, ITEM_IFACE, SESSION_IFACE  # noqa: E402
+
+from stillsvc.common.names import BUS_NAME, ITEM_IFACE, SESSION_IFACE  # noqa: E402
 
 READ_SIZE = 1 << 20  # the reader's os.read size, for transfers and copies alike
 WRITE_SIZE = 256 << 10  # the baseline writer's chunk

@@ -19,15 +19,17 @@ import structlog
 from dbus_fast import BusType, RequestNameReply
 from dbus_fast.constants import NameFlag
 
-from . import __version__, config as config_module, log as log_module, notify
-from .config import Config, ConfigError, DeviceConfig
-from .devices import DeviceManager
-from .events import EventMonitor
-from .registry import Registry
-from .dbus.agents import AgentBridge
-from .dbus.bus import ServiceBus
-from .dbus.service import Service
-from .names import BUS_NAME
+from stillsvc import __version__, notify
+from stillsvc import log as log_module
+from stillsvc.common.names import BUS_NAME
+from stillsvc.core import config as config_module
+from stillsvc.core.config import Config, ConfigError, DeviceConfig
+from stillsvc.core.devices import DeviceManager
+from stillsvc.core.events import EventMonitor
+from stillsvc.core.registry import Registry
+from stillsvc.frontends.dbus.agents import AgentBridge
+from stillsvc.frontends.dbus.bus import ServiceBus
+from stillsvc.frontends.dbus.service import Service
 
 log = structlog.get_logger("stillsvc")
 

@@ -4,7 +4,6 @@ import shutil
 from collections.abc import AsyncIterator, Iterator
 
 import pytest
-
 from helpers import Daemon, DBusDaemon, connect
 
 if shutil.which("dbus-daemon") is None:  # pragma: no cover

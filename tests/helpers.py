@@ -20,9 +20,15 @@ from typing import Any
 from dbus_fast import DBusError, Message, MessageType, Variant
 from dbus_fast.aio import MessageBus
 
-from stillsvc.names import BUS_NAME, DEVICE_IFACE as DEVICE, ERROR_PREFIX as ERROR, IFACE_PREFIX as IFACE, \
-    ITEM_IFACE as ITEM, MANAGER_IFACE as MANAGER, ROOT_PATH as ROOT, SESSION_IFACE as SESSION, \
-    SIMULATOR_IFACE as SIMULATOR
+from stillsvc.common.names import BUS_NAME
+from stillsvc.common.names import DEVICE_IFACE as DEVICE
+from stillsvc.common.names import ERROR_PREFIX as ERROR
+from stillsvc.common.names import IFACE_PREFIX as IFACE
+from stillsvc.common.names import ITEM_IFACE as ITEM
+from stillsvc.common.names import MANAGER_IFACE as MANAGER
+from stillsvc.common.names import ROOT_PATH as ROOT
+from stillsvc.common.names import SESSION_IFACE as SESSION
+from stillsvc.common.names import SIMULATOR_IFACE as SIMULATOR
 
 SIM0 = f"{ROOT}/devices/sim0"
 REPO = Path(__file__).resolve().parent.parent

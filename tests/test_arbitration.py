@@ -29,7 +29,6 @@ from typing import Any
 
 import pytest
 from dbus_fast import DBusError, Variant
-
 from helpers import (
     DEVICE,
     ERROR,

@@ -11,7 +11,6 @@ from __future__ import annotations
 import os
 
 from dbus_fast import Variant
-
 from helpers import ITEM, MANAGER, ROOT, SESSION, call, create_session, expect_error, get_property
 
 HUGE = "x" * 1_000_000

@@ -8,10 +8,10 @@ import signal
 
 from dbus_fast import DBusError
 from dbus_fast.service import ServiceInterface
-
 from helpers import DBusDaemon, call, connect
-from stillsvc.dbus.bus import ServiceBus, caller, method
-from stillsvc.errors import Busy
+
+from stillsvc.common.errors import Busy
+from stillsvc.frontends.dbus.bus import ServiceBus, caller, method
 
 
 class Echo(ServiceInterface):

@@ -32,7 +32,6 @@ from typing import Any
 
 import dbus_fast
 import pytest
-
 from helpers import (
     BUS_NAME,
     DEVICE,

@@ -44,7 +44,6 @@ from pathlib import Path
 
 import pytest
 from dbus_fast import Variant
-
 from helpers import (
     DEVICE,
     ITEM,

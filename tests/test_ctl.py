@@ -14,7 +14,6 @@ from dataclasses import dataclass
 
 import pytest
 from dbus_fast import Message
-
 from helpers import (
     BUS_NAME,
     DEVICE,

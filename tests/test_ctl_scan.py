@@ -5,11 +5,11 @@ from __future__ import annotations
 import json
 import re
 
-from PIL import Image
-
 from helpers import SIM0, SIMULATOR, call
-from stillsvc.imaging import ImageInfo, parse_raw, pattern_page
+from PIL import Image
 from test_ctl import stillctl
+
+from stillsvc.imaging import ImageInfo, parse_raw, pattern_page
 
 
 async def test_items_shows_the_tree(daemon):

@@ -14,7 +14,6 @@ import os
 
 import pytest
 from dbus_fast import DBusError, Message, MessageFlag
-
 from helpers import BUS_NAME, ERROR, ITEM, ROOT, SESSION, SIM0, call, create_session, get_property, open_fds, wait_until
 
 REPEAT = 1000

@@ -26,7 +26,6 @@ from typing import Any
 import pytest
 from dbus_fast import DBusError, Variant
 from dbus_fast.service import ServiceInterface, method
-
 from helpers import (
     DEVICE,
     ERROR,
@@ -48,8 +47,9 @@ from helpers import (
     wait_for_name,
     wait_until,
 )
-from stillsvc.names import AGENT_IFACE
 from test_ctl import finish, read_line, start, stillctl
+
+from stillsvc.common.names import AGENT_IFACE
 
 ME = os.getuid()
 
@@ -690,7 +690,7 @@ async def polkit_service(request, bus_address: str, tmp_path):
 
 
 async def test_with_polkit_system_wide_registrations_need_the_manage_action(polkit_service):
-    from stillsvc.dbus.authority import MANAGE, USE
+    from stillsvc.frontends.dbus.authority import MANAGE, USE
 
     bus = polkit_service
 
@@ -957,12 +957,12 @@ def _polling_driver():
 
 
 async def test_core_polls_a_polling_driver_under_the_lock_and_never_during_data_mode(tmp_path):
-    from stillsvc.config import Config, DeviceConfig, Limits
-    from stillsvc.devices import DeviceManager, Listener
+    from stillsvc.core.config import Config, DeviceConfig, Limits
+    from stillsvc.core.devices import DeviceManager, Listener
+    from stillsvc.core.events import Agent, Agents, EventMonitor
+    from stillsvc.core.registry import Registry
+    from stillsvc.core.sessions import Client
     from stillsvc.driver import Mode
-    from stillsvc.events import Agent, Agents, EventMonitor
-    from stillsvc.registry import Registry
-    from stillsvc.sessions import Client
 
     config = Config(limits=Limits(poll_interval_ms=10), runtime_dir=str(tmp_path / "run"),
                     state_dir=str(tmp_path / "state"),

@@ -54,14 +54,33 @@ import pytest
 from dbus_fast import DBusError, Message, MessageFlag, MessageType, Variant
 from dbus_fast.introspection import Node
 from dbus_fast.signature import SignatureType, get_signature_tree
+from helpers import (
+    DEVICE,
+    ERROR,
+    IFACE,
+    ITEM,
+    MANAGER,
+    REPO,
+    ROOT,
+    SESSION,
+    SIM0,
+    SIMULATOR,
+    Daemon,
+    DBusDaemon,
+    call,
+    connect,
+    create_session,
+    get_all,
+    get_property,
+    wait_for_name,
+    wait_until,
+)
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from helpers import DEVICE, ERROR, IFACE, ITEM, MANAGER, REPO, ROOT, SESSION, SIM0, SIMULATOR, Daemon, \
-    DBusDaemon, call, connect, create_session, get_all, get_property, wait_for_name, wait_until
-from stillsvc.dbus.bus import ServiceBus
-from stillsvc.errors import ALL_ERRORS
-from stillsvc.names import SESSIONS_PATH
+from stillsvc.common.errors import ALL_ERRORS
+from stillsvc.common.names import SESSIONS_PATH
+from stillsvc.frontends.dbus.bus import ServiceBus
 
 CLIENTS = 3
 MAX_EXAMPLES = 200

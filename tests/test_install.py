@@ -18,7 +18,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
-
 from helpers import REPO
 
 BUS_NAME = "org.stillsvc.StillImage1"

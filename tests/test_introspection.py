@@ -22,7 +22,6 @@ from pathlib import Path
 import pytest
 from dbus_fast.aio import MessageBus
 from dbus_fast.introspection import Interface, Node
-
 from helpers import (
     BUS_NAME,
     DEVICE,
@@ -40,7 +39,8 @@ from helpers import (
     expect_error,
     get_property,
 )
-from stillsvc.errors import ALL_ERRORS
+
+from stillsvc.common.errors import ALL_ERRORS
 
 DBUS_DIR = REPO / "dbus"
 PREFIX = f"{IFACE}."

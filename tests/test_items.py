@@ -9,12 +9,10 @@ import os
 
 import pytest
 
-from stillsvc.config import Config, DeviceConfig
-from stillsvc.devices import DeviceManager
-from stillsvc.driver import Mode
-from stillsvc.drivers.sim import SimulatedScanner
-from stillsvc.errors import Cancelled, Disconnected, Failed, InvalidArgument, NotFound
-from stillsvc.items import (
+from stillsvc.common.errors import Cancelled, Disconnected, Failed, InvalidArgument, NotFound
+from stillsvc.core.config import Config, DeviceConfig
+from stillsvc.core.devices import DeviceManager
+from stillsvc.core.items import (
     Access,
     AppItem,
     DriverItem,
@@ -29,8 +27,10 @@ from stillsvc.items import (
     describe_property,
     synchronize_tree,
 )
-from stillsvc.sessions import Client
-from stillsvc.transfer import Transfer
+from stillsvc.core.sessions import Client
+from stillsvc.core.transfer import Transfer
+from stillsvc.driver import Mode
+from stillsvc.drivers.sim import SimulatedScanner
 
 SPECS = [
     PropertySpec("resolution", "u", 150, valid=ValueList((75, 150, 300))),

@@ -18,12 +18,30 @@ from collections.abc import Iterator
 
 import pytest
 from dbus_fast import DBusError, Variant
+from helpers import (
+    DEVICE,
+    ERROR,
+    MANAGER,
+    ROOT,
+    SESSION,
+    SIM0,
+    Daemon,
+    DBusDaemon,
+    Signals,
+    call,
+    connect,
+    create_session,
+    get_property,
+    kill_connections,
+    lock_file_free,
+    names_client,
+    send_now,
+    session_objects,
+    wait_for_name,
+    wait_until,
+)
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
-
-from helpers import DEVICE, ERROR, MANAGER, ROOT, SESSION, SIM0, Daemon, DBusDaemon, Signals, call, connect, \
-    create_session, get_property, kill_connections, lock_file_free, names_client, send_now, session_objects, \
-    wait_for_name, wait_until
 
 CLIENTS = 3
 ALLOWED_ERRORS = {

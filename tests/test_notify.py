@@ -8,7 +8,6 @@ import socket
 from collections.abc import Iterator
 
 import pytest
-
 from helpers import Daemon, wait_until
 
 

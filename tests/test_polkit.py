@@ -14,7 +14,6 @@ from collections.abc import AsyncIterator
 
 import pytest
 from dbus_fast.introspection import Node
-
 from helpers import (
     ITEM,
     MANAGER,
@@ -30,7 +29,8 @@ from helpers import (
     get_property,
     wait_for_name,
 )
-from stillsvc.dbus.authority import MANAGE, OWNER, PUBLIC, RULES, USE
+
+from stillsvc.frontends.dbus.authority import MANAGE, OWNER, PUBLIC, RULES, USE
 
 pytest.importorskip("dbusmock", reason="python-dbusmock (test extra) is needed to mock polkit")
 pytestmark = pytest.mark.daemon_args("--authorization", "polkit")
@@ -139,8 +139,8 @@ async def test_other_clients_still_cannot_touch_an_authorized_session(user, serv
 
 
 def test_unknown_method_has_no_rule():
-    from stillsvc.dbus.authority import rule_for
-    from stillsvc.errors import AccessDenied
+    from stillsvc.common.errors import AccessDenied
+    from stillsvc.frontends.dbus.authority import rule_for
 
     with pytest.raises(AccessDenied):
         rule_for("org.stillsvc.StillImage1.Manager", "Explode")

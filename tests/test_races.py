@@ -36,7 +36,6 @@ from collections.abc import Iterable
 import pytest
 from dbus_fast import DBusError, Message, Variant
 from dbus_fast.aio import MessageBus
-
 from helpers import (
     DEVICE,
     MANAGER,

@@ -16,9 +16,9 @@ from pathlib import Path
 import pytest
 from structlog.testing import capture_logs
 
-from stillsvc import serialport
-from stillsvc.errors import Busy, NotFound, Timeout
-from stillsvc.serialport import SerialPort, lock_file_path, read_lock_owner
+from stillsvc.common.errors import Busy, NotFound, Timeout
+from stillsvc.driver import serialport
+from stillsvc.driver.serialport import SerialPort, lock_file_path, read_lock_owner
 
 # Runs as another user: tries to open the tty and reports the uid and the outcome.
 OPENER = """

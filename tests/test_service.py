@@ -7,7 +7,6 @@ import signal
 
 import pytest
 from dbus_fast import Variant
-
 from helpers import (
     DEVICE,
     MANAGER,

@@ -11,7 +11,6 @@ import textwrap
 
 import pytest
 from dbus_fast import Variant
-
 from helpers import (
     DEVICE,
     SESSION,

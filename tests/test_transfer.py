@@ -15,8 +15,6 @@ from typing import Any
 
 import pytest
 from dbus_fast import DBusError, Variant
-from PIL import Image
-
 from helpers import (
     ITEM,
     MANAGER,
@@ -33,6 +31,8 @@ from helpers import (
     unwrap,
     wait_until,
 )
+from PIL import Image
+
 from stillsvc.imaging import ImageInfo, parse_raw, pattern_page
 
 SIM1 = f"{ROOT}/devices/sim1"

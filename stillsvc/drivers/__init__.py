@@ -6,7 +6,7 @@ from importlib.metadata import entry_points
 
 import structlog
 
-from ..driver import Minidriver
+from stillsvc.driver import Minidriver
 
 log = structlog.get_logger(__name__)
 
@@ -27,7 +27,7 @@ def discover() -> dict[str, type[Minidriver]]:
             continue
         found[cls.name or ep.name] = cls
     if "sim" not in found:  # running from a source tree without installed metadata
-        from .sim import SimulatedScanner
+        from stillsvc.drivers.sim import SimulatedScanner
 
         found["sim"] = SimulatedScanner
     return found

@@ -96,6 +96,8 @@ def _():
 
 @probe("CPython and the service's dependencies import", "all")
 def _():
+    from importlib.metadata import version
+
     import dbus_fast  # noqa: F401
     import PIL.Image  # noqa: F401
     import pyudev  # noqa: F401
@@ -104,17 +106,16 @@ def _():
 
     import stillsvc.daemon  # noqa: F401
 
-    from importlib.metadata import version
-
     return True, f"{sys.executable}: Python {sys.version.split()[0]}, dbus-fast {version('dbus-fast')}"
 
 
 @probe("an image is encoded (Pillow, zlib)", "MemoryDenyWriteExecute=yes")
 def _():
-    from stillsvc import imaging  # noqa: F401
     import io
 
     import PIL.Image
+
+    from stillsvc import imaging  # noqa: F401
 
     buf = io.BytesIO()
     PIL.Image.new("RGB", (64, 64), (10, 200, 30)).save(buf, "PNG")
@@ -396,7 +397,7 @@ def _():
 
 
 def _serial_probe(device: str):
-    from stillsvc.serialport import SerialPort
+    from stillsvc.driver.serialport import SerialPort
 
     with SerialPort(device, baudrate=9600) as port:
         lock_file = port.lock_path

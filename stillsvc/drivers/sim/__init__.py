@@ -18,7 +18,9 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
-from ..driver import (
+from stillsvc.common.errors import Disconnected, Failed, InvalidArgument
+from stillsvc.core.items import Access, DriverItem, PropertySpec, Range, ValueList
+from stillsvc.driver import (
     DeviceEvent,
     DeviceInfo,
     EventSource,
@@ -28,8 +30,6 @@ from ..driver import (
     PageInfo,
     PortPolicy,
 )
-from ..errors import Disconnected, Failed, InvalidArgument
-from ..items import Access, DriverItem, PropertySpec, Range, ValueList
 
 BUTTONS = ("scan", "copy", "email", "pdf")
 EVENTS = tuple(f"{b}-button" for b in BUTTONS) + ("paper-loaded", "paper-empty", "paper-jam")
@@ -83,7 +83,7 @@ class _SimPage:
     cancel: threading.Event
 
     def bands(self) -> Iterator[bytes]:
-        from ..imaging import ImageInfo, pattern_rows
+        from stillsvc.imaging import ImageInfo, pattern_rows
 
         image = ImageInfo(self.info.width, self.info.height, self.info.mode, self.info.depth, self.info.resolution)
         rows = max(1, BAND_BYTES // max(1, image.bytes_per_line))

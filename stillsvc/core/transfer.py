@@ -36,16 +36,15 @@ from typing import TYPE_CHECKING, Any
 
 import structlog
 
-from .driver import PageInfo
-from .errors import Cancelled, Failed, InvalidArgument, StillError, Timeout, quote
-from .imaging import FORMATS, MULTIPAGE_FORMATS, ImageInfo, make_encoder
-
-from .sessions import Hold
+from stillsvc.common.errors import Cancelled, Failed, InvalidArgument, StillError, Timeout, quote
+from stillsvc.core.sessions import Hold
+from stillsvc.driver import PageInfo
+from stillsvc.imaging import FORMATS, MULTIPAGE_FORMATS, ImageInfo, make_encoder
 
 if TYPE_CHECKING:
-    from .devices import Device
-    from .items import AppItem
-    from .sessions import Session
+    from stillsvc.core.devices import Device
+    from stillsvc.core.items import AppItem
+    from stillsvc.core.sessions import Session
 
 log = structlog.get_logger(__name__)
 

@@ -29,7 +29,7 @@ from types import TracebackType
 
 import structlog
 
-from stillsvc.errors import AccessDenied, Busy, Disconnected, Failed, NotFound, Timeout
+from stillsvc.common.errors import AccessDenied, Busy, Disconnected, Failed, NotFound, Timeout
 
 log = structlog.get_logger(__name__)
 

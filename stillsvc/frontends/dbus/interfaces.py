@@ -11,10 +11,9 @@ from typing import TYPE_CHECKING, Any
 from dbus_fast import PropertyAccess, Variant
 from dbus_fast.service import ServiceInterface, dbus_property, signal
 
-from .. import __version__
-from ..driver import Mode
-from ..errors import InvalidArgument, NotFound
-from ..names import (
+from stillsvc import __version__
+from stillsvc.common.errors import InvalidArgument, NotFound
+from stillsvc.common.names import (
     DEVICE_IFACE,
     MANAGER_IFACE,
     SESSION_IFACE,
@@ -22,13 +21,14 @@ from ..names import (
     device_path,
     session_path,
 )
-from .bus import caller, method
-from .variants import check_options, integer_option, to_vardict
+from stillsvc.driver import Mode
+from stillsvc.frontends.dbus.bus import caller, method
+from stillsvc.frontends.dbus.variants import check_options, integer_option, to_vardict
 
 if TYPE_CHECKING:
-    from ..devices import Device
-    from ..sessions import Session
-    from .service import Service
+    from stillsvc.core.devices import Device
+    from stillsvc.core.sessions import Session
+    from stillsvc.frontends.dbus.service import Service
 
 MAX_WAIT_MS = 10 * 60 * 1000
 MAX_IO_BYTES = 16 * 1024 * 1024

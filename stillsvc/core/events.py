@@ -55,12 +55,12 @@ from typing import Any
 
 import structlog
 
-from .devices import Device, DeviceManager, Listener
-from .driver import DeviceEvent, EventSource, Mode
-from .errors import InvalidArgument, LimitExceeded, StillError
-from .names import device_path
-from .registry import SYSTEM, USER, Registration, Registry, expand
-from .sessions import Client, EventRecord, Hold, Session
+from stillsvc.common.errors import InvalidArgument, LimitExceeded, StillError
+from stillsvc.common.names import device_path
+from stillsvc.core.devices import Device, DeviceManager, Listener
+from stillsvc.core.registry import SYSTEM, USER, Registration, Registry, expand
+from stillsvc.core.sessions import Client, EventRecord, Hold, Session
+from stillsvc.driver import DeviceEvent, EventSource, Mode
 
 log = structlog.get_logger(__name__)
 

@@ -23,7 +23,7 @@ import threading
 from collections.abc import Callable
 from pathlib import Path
 
-from .names import sanitise_id
+from stillsvc.common.names import sanitise_id
 
 
 class DeviceLockFile:

@@ -18,24 +18,24 @@ from typing import Any
 import structlog
 from dbus_fast import Message, MessageType, Variant
 
-from ..devices import Device, DeviceManager, Listener
-from ..sessions import Client, EventRecord, Session
-from ..names import (
+from stillsvc.common.names import (
     BUS_NAME,
     DEVICE_IFACE,
     IFACE_PREFIX,
     MANAGER_IFACE,
-    SESSIONS_PATH,
     ROOT_PATH,
     SESSION_IFACE,
+    SESSIONS_PATH,
     SIMULATOR_IFACE,
     device_path,
 )
-from .authority import Authority
-from .bus import ServiceBus, error_name
-from .interfaces import DeviceInterface, ManagerInterface, SessionInterface, SimulatorInterface
-from .items import ItemInterface, item_path
-from .variants import to_vardict
+from stillsvc.core.devices import Device, DeviceManager, Listener
+from stillsvc.core.sessions import Client, EventRecord, Session
+from stillsvc.frontends.dbus.authority import Authority
+from stillsvc.frontends.dbus.bus import ServiceBus, error_name
+from stillsvc.frontends.dbus.interfaces import DeviceInterface, ManagerInterface, SessionInterface, SimulatorInterface
+from stillsvc.frontends.dbus.items import ItemInterface, item_path
+from stillsvc.frontends.dbus.variants import to_vardict
 
 log = structlog.get_logger(__name__)
 

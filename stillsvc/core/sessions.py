@@ -15,12 +15,12 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from .driver import Mode
-from .errors import AccessDenied, Disconnected, NotFound, quote
+from stillsvc.common.errors import AccessDenied, Disconnected, NotFound, quote
+from stillsvc.driver import Mode
 
 if TYPE_CHECKING:
-    from .devices import Device
-    from .items import AppItem
+    from stillsvc.core.devices import Device
+    from stillsvc.core.items import AppItem
 
 
 @dataclass(eq=False)

@@ -6,7 +6,7 @@ from typing import Any
 
 from dbus_fast import Variant
 
-from ..errors import InvalidArgument, quote
+from stillsvc.common.errors import InvalidArgument, quote
 
 _INT_SIGNATURES = frozenset("ynqiuxt")
 

@@ -19,8 +19,16 @@ from typing import Any
 from dbus_fast import DBusError, Message, MessageType, Variant
 from dbus_fast.service import ServiceInterface, method
 
-from .ctl import Ctl, CtlError, arg, clock, command, plain, print_json, print_table, show
-from .names import AGENT_IFACE, AGENTS_PATH, BUS_NAME, ERROR_PREFIX, MANAGER_IFACE, ROOT_PATH, SESSION_IFACE
+from stillsvc.common.names import (
+    AGENT_IFACE,
+    AGENTS_PATH,
+    BUS_NAME,
+    ERROR_PREFIX,
+    MANAGER_IFACE,
+    ROOT_PATH,
+    SESSION_IFACE,
+)
+from stillsvc.ctl.base import Ctl, CtlError, arg, clock, command, plain, print_json, print_table, show
 
 DBUS_NAME = "org.freedesktop.DBus"
 #: Where ``stillctl agent`` exports its agent object on its own connection.

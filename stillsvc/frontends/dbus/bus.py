@@ -39,13 +39,13 @@ from typing import Any
 
 import structlog
 from dbus_fast import DBusError, Message, MessageFlag, MessageType
-from dbus_fast.signature import get_signature_tree
 from dbus_fast.aio import MessageBus
 from dbus_fast.service import method as _dbus_method
+from dbus_fast.signature import get_signature_tree
 
-from ..errors import StillError
-from ..names import ERROR_PREFIX
-from .authority import OWNER, PUBLIC, rule_for
+from stillsvc.common.errors import StillError
+from stillsvc.common.names import ERROR_PREFIX
+from stillsvc.frontends.dbus.authority import OWNER, PUBLIC, rule_for
 
 log = structlog.get_logger(__name__)
 

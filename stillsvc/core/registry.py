@@ -35,8 +35,8 @@ from typing import Any
 
 import structlog
 
-from .config import Limits
-from .errors import AccessDenied, Failed, InvalidArgument, LimitExceeded, NotFound, quote
+from stillsvc.common.errors import AccessDenied, Failed, InvalidArgument, LimitExceeded, NotFound, quote
+from stillsvc.core.config import Limits
 
 log = structlog.get_logger(__name__)
 

@@ -45,9 +45,9 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Protocol
 
-from .config import DeviceConfig
-from .errors import AccessDenied, NotSupported
-from .items import DriverItem, Valid
+from stillsvc.common.errors import AccessDenied, NotSupported
+from stillsvc.core.config import DeviceConfig
+from stillsvc.core.items import DriverItem, Valid
 
 
 class Mode(enum.Flag):
@@ -60,7 +60,7 @@ class Mode(enum.Flag):
         try:
             return {"status": cls.STATUS, "data": cls.DATA, "both": cls.BOTH}[text]
         except KeyError:
-            from .errors import InvalidArgument, quote
+            from stillsvc.common.errors import InvalidArgument, quote
 
             raise InvalidArgument(f"mode must be 'status', 'data' or 'both', not {quote(text)}") from None
 

@@ -23,7 +23,7 @@ from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from .errors import Disconnected, Failed, InvalidArgument, quote
+from stillsvc.common.errors import Disconnected, Failed, InvalidArgument, quote
 
 
 class Access(enum.Enum):

@@ -12,17 +12,17 @@ from typing import TYPE_CHECKING, Any
 from dbus_fast import PropertyAccess, Variant
 from dbus_fast.service import ServiceInterface, dbus_property, signal
 
-from ..errors import InvalidArgument, NotFound, quote
-from ..imaging import FORMATS
-from ..items import AppItem, describe_property
-from ..names import ITEM_IFACE, sanitise_id, session_path
-from ..transfer import Transfer
-from .bus import caller, method, take_fd
-from .variants import check_options, from_variant, to_vardict
+from stillsvc.common.errors import InvalidArgument, NotFound, quote
+from stillsvc.common.names import ITEM_IFACE, sanitise_id, session_path
+from stillsvc.core.items import AppItem, describe_property
+from stillsvc.core.transfer import Transfer
+from stillsvc.frontends.dbus.bus import caller, method, take_fd
+from stillsvc.frontends.dbus.variants import check_options, from_variant, to_vardict
+from stillsvc.imaging import FORMATS
 
 if TYPE_CHECKING:
-    from ..sessions import Session
-    from .service import Service
+    from stillsvc.core.sessions import Session
+    from stillsvc.frontends.dbus.service import Service
 
 MAX_WRITES = 256
 

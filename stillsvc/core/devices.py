@@ -30,10 +30,8 @@ from typing import Any, TypeVar
 
 import structlog
 
-from . import drivers as driver_registry
-from .config import Config, DeviceConfig
-from .driver import DeviceEvent, DeviceInfo, Minidriver, Mode
-from .errors import (
+from stillsvc import drivers as driver_registry
+from stillsvc.common.errors import (
     AccessDenied,
     Busy,
     Cancelled,
@@ -46,12 +44,21 @@ from .errors import (
     Timeout,
     quote,
 )
-from .items import AppItem, DriverItem, attach_new_items, build_app_tree, check_dependent, check_writes, \
-    synchronize_tree
-from .locks import FairLock
-from .lockfile import DeviceLockFile
-from .names import sanitise_id
-from .sessions import Client, EventRecord, Hold, Session
+from stillsvc.common.names import sanitise_id
+from stillsvc.core.config import Config, DeviceConfig
+from stillsvc.core.items import (
+    AppItem,
+    DriverItem,
+    attach_new_items,
+    build_app_tree,
+    check_dependent,
+    check_writes,
+    synchronize_tree,
+)
+from stillsvc.core.lockfile import DeviceLockFile
+from stillsvc.core.locks import FairLock
+from stillsvc.core.sessions import Client, EventRecord, Hold, Session
+from stillsvc.driver import DeviceEvent, DeviceInfo, Minidriver, Mode
 
 log = structlog.get_logger(__name__)
 T = TypeVar("T")

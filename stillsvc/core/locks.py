@@ -20,7 +20,7 @@ from collections import deque
 from collections.abc import Callable
 from typing import Generic, TypeVar
 
-from .errors import Busy, Cancelled, Failed, Timeout
+from stillsvc.common.errors import Busy, Cancelled, Failed, Timeout
 
 Owner = TypeVar("Owner")
 

@@ -20,15 +20,15 @@ from typing import TYPE_CHECKING, Any
 import structlog
 from dbus_fast import Message, MessageType, Variant
 
-from ..errors import AccessDenied, InvalidArgument, NotFound, quote
-from ..events import Agent, AgentError, ChoiceRequest, EventMonitor, LaunchRequest
-from ..names import AGENT_IFACE
-from ..registry import SYSTEM, USER, Registration
-from .authority import MANAGE
-from .variants import check_options, integer_option
+from stillsvc.common.errors import AccessDenied, InvalidArgument, NotFound, quote
+from stillsvc.common.names import AGENT_IFACE
+from stillsvc.core.events import Agent, AgentError, ChoiceRequest, EventMonitor, LaunchRequest
+from stillsvc.core.registry import SYSTEM, USER, Registration
+from stillsvc.frontends.dbus.authority import MANAGE
+from stillsvc.frontends.dbus.variants import check_options, integer_option
 
 if TYPE_CHECKING:
-    from .service import Service
+    from stillsvc.frontends.dbus.service import Service
 
 log = structlog.get_logger(__name__)
 

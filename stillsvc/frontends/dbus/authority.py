@@ -26,8 +26,8 @@ from __future__ import annotations
 import structlog
 from dbus_fast import Message, MessageType, Variant
 
-from ..errors import AccessDenied
-from ..names import DEVICE_IFACE, IFACE_PREFIX, ITEM_IFACE, MANAGER_IFACE, SESSION_IFACE, SIMULATOR_IFACE
+from stillsvc.common.errors import AccessDenied
+from stillsvc.common.names import DEVICE_IFACE, IFACE_PREFIX, ITEM_IFACE, MANAGER_IFACE, SESSION_IFACE, SIMULATOR_IFACE
 
 log = structlog.get_logger(__name__)
 

@@ -13,8 +13,8 @@ from typing import Any
 
 from dbus_fast import Message, MessageType, Variant
 
-from .ctl import Ctl, CtlError, arg, command, plain, print_json, print_table, show
-from .names import ITEM_IFACE, MANAGER_IFACE, ROOT_PATH, SESSION_IFACE
+from stillsvc.common.names import ITEM_IFACE, MANAGER_IFACE, ROOT_PATH, SESSION_IFACE
+from stillsvc.ctl.base import Ctl, CtlError, arg, command, plain, print_json, print_table, show
 
 EXTENSIONS = {
     ".png": "png", ".tif": "tiff", ".tiff": "tiff", ".jpg": "jpeg", ".jpeg": "jpeg", ".pdf": "pdf",
