@@ -198,7 +198,7 @@ async def test_no_launch_while_data_mode_is_held_and_again_after_close(client, c
         names = [(await call(client2, session, SESSION, "GetLastNotificationData"))[0]["event"].value
                  for _ in range(3)]
         assert names == ["scan-button", "copy-button", "email-button"]
-        e = await expect_error("NotFound", call(client2, session, SESSION, "GetLastNotificationData"))
+        e = await expect_error("Empty", call(client2, session, SESSION, "GetLastNotificationData"))
         assert "no event is queued" in e.text
         await close(client2, session)
         _, sequence, consumer = await routed.press(client, "pdf")
@@ -311,7 +311,7 @@ async def test_queue_is_fifo_and_counts_what_overflow_drops(daemon, client):
         ("email-button", sequences[2]), ("pdf-button", sequences[3]), ("scan-button", sequences[4])]
     assert [g["dropped"].value for g in got] == [2, 2, 2]
     assert [g["remaining"].value for g in got] == [2, 1, 0]
-    await expect_error("NotFound", call(client, session, SESSION, "GetLastNotificationData"))
+    await expect_error("Empty", call(client, session, SESSION, "GetLastNotificationData"))
     assert daemon.log.count("event queue full, dropped the oldest") == 2
 
 

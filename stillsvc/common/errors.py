@@ -1,12 +1,17 @@
-"""The one error hierarchy of the core.
+"""The one error hierarchy, shared by the service and its clients.
 
 Every failure the service reports to a client is a :class:`StillError` subclass.
-The D-Bus layer maps each class to ``org.stillsvc.StillImage1.Error.<name>`` in one
-place; anything else that escapes a handler is logged with its traceback and
-reported as ``Error.Failed`` with a short, fixed text.
+Each class has its D-Bus error name, ``org.stillsvc.StillImage1.Error.<name>``:
+the D-Bus front-end maps a raised error to its name (:func:`dbus_error_name`), the
+client library maps a name back to its class (:func:`error_class`), both from
+:data:`ALL_ERRORS`. Anything else that escapes a handler is logged with its
+traceback and reported as ``Error.Failed`` with a short, fixed text. Each class
+stands for one condition, so that a client never needs to read an error's text.
 """
 
 from __future__ import annotations
+
+from stillsvc.common.names import ERROR_PREFIX
 
 
 class StillError(Exception):
@@ -59,6 +64,12 @@ class Cancelled(StillError):
     name = "Cancelled"
 
 
+class Empty(StillError):
+    """Nothing to take: no event is queued (the session itself is fine)."""
+
+    name = "Empty"
+
+
 def quote(value: object, limit: int = 64) -> str:
     """A client's value for an error message: repr'd and cut short, so a huge
     argument never comes back as a huge error."""
@@ -77,4 +88,18 @@ ALL_ERRORS: tuple[type[StillError], ...] = (
     NotSupported,
     LimitExceeded,
     Cancelled,
+    Empty,
 )
+
+_BY_NAME: dict[str, type[StillError]] = {cls.name: cls for cls in ALL_ERRORS}
+
+
+def dbus_error_name(error: StillError | type[StillError]) -> str:
+    """``org.stillsvc.StillImage1.Error.<name>`` of an error or error class."""
+    return f"{ERROR_PREFIX}.{error.name}"
+
+
+def error_class(dbus_name: str) -> type[StillError] | None:
+    """The class of a service error name; None for names that are not the service's."""
+    prefix, _, name = dbus_name.rpartition(".")
+    return _BY_NAME.get(name) if prefix == ERROR_PREFIX else None

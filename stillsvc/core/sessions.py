@@ -15,7 +15,7 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from stillsvc.common.errors import AccessDenied, Disconnected, NotFound, quote
+from stillsvc.common.errors import AccessDenied, Disconnected, Empty, NotFound, quote
 from stillsvc.driver import Mode
 
 if TYPE_CHECKING:
@@ -172,7 +172,7 @@ class Session:
 
     def next_event(self) -> EventRecord:
         if not self.events:
-            raise NotFound(f"no event is queued for session {self.number}")
+            raise Empty(f"no event is queued for session {self.number}")
         return self.events.popleft()
 
 

@@ -220,7 +220,7 @@ async def cmd_events(ctl: Ctl, args: argparse.Namespace) -> int:
                 try:
                     (event,) = await ctl.call(session, SESSION_IFACE, "GetLastNotificationData")
                 except CtlError as e:
-                    if e.error_name == f"{ERROR_PREFIX}.NotFound" and "no event is queued" in e.message:
+                    if e.error_name == f"{ERROR_PREFIX}.Empty":
                         break
                     raise
                 event = plain(event)

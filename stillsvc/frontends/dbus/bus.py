@@ -43,7 +43,7 @@ from dbus_fast.aio import MessageBus
 from dbus_fast.service import method as _dbus_method
 from dbus_fast.signature import get_signature_tree
 
-from stillsvc.common.errors import StillError
+from stillsvc.common.errors import StillError, dbus_error_name
 from stillsvc.common.names import ERROR_PREFIX
 from stillsvc.frontends.dbus.authority import OWNER, PUBLIC, rule_for
 
@@ -69,7 +69,7 @@ def error_name(name: str) -> str:
 
 
 def to_dbus_error(error: StillError) -> DBusError:
-    return DBusError(error_name(error.name), error.message)
+    return DBusError(dbus_error_name(error), error.message)
 
 
 def _internal_error(fn: Callable[..., Any], e: Exception) -> DBusError:
