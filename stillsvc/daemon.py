@@ -20,13 +20,17 @@ from dbus_fast import BusType, RequestNameReply
 from dbus_fast.constants import NameFlag
 
 from stillsvc import __version__, notify
+from stillsvc import drivers as driver_registry
 from stillsvc import log as log_module
 from stillsvc.common.names import BUS_NAME
 from stillsvc.core import config as config_module
-from stillsvc.core.config import Config, ConfigError, DeviceConfig
+from stillsvc.core.config import Config, ConfigError
 from stillsvc.core.devices import DeviceManager
 from stillsvc.core.events import EventMonitor
 from stillsvc.core.registry import Registry
+from stillsvc.discovery import Backend
+from stillsvc.discovery.config import ConfigDiscovery
+from stillsvc.discovery.simulate import SimulatedDiscovery
 from stillsvc.frontends.dbus.agents import AgentBridge
 from stillsvc.frontends.dbus.bus import ServiceBus
 from stillsvc.frontends.dbus.service import Service
@@ -73,15 +77,21 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def build_config(args: argparse.Namespace) -> Config:
     cfg = config_module.load(args.config) if args.config else Config()
-    devices = list(cfg.devices)
-    if args.simulate and not any(d.id == "sim0" for d in devices):
-        devices.insert(0, DeviceConfig(id="sim0", driver="sim", name="Simulated Scanner"))
     return dataclasses.replace(
         cfg,
-        devices=tuple(devices),
         runtime_dir=args.runtime_dir or _default_dir("runtime", cfg.runtime_dir, config_module.DEFAULT_RUNTIME_DIR),
         state_dir=args.state_dir or _default_dir("state", cfg.state_dir, config_module.DEFAULT_STATE_DIR),
     )
+
+
+def discovery_backends(args: argparse.Namespace, cfg: Config) -> list[Backend]:
+    """Where devices come from: the simulated scanner first (with --simulate), then
+    the configured devices."""
+    backends: list[Backend] = []
+    if args.simulate:
+        backends.append(SimulatedDiscovery(taken={device.id for device in cfg.devices}))
+    backends.append(ConfigDiscovery(cfg.devices))
+    return backends
 
 
 #: How long connecting and authenticating to the bus may take before the daemon gives up.
@@ -111,7 +121,7 @@ async def run(args: argparse.Namespace, cfg: Config) -> int:
         print(f"stillsvc: cannot connect to the {args.bus} bus: {reason}", file=sys.stderr)
         return EXIT_NO_BUS
 
-    manager = DeviceManager(cfg)
+    manager = DeviceManager(cfg, drivers=driver_registry.discover())
     authorization = args.authorization
     if authorization == "auto":
         authorization = "polkit" if args.bus == "system" else "none"
@@ -124,7 +134,7 @@ async def run(args: argparse.Namespace, cfg: Config) -> int:
     monitor.start()
     # Devices before the name, so a client that sees the name sees the devices; a
     # device that fails or hangs while starting is logged and left out.
-    await manager.start()
+    await manager.start(discovery_backends(args, cfg))
     reply = await bus.request_name(BUS_NAME, NameFlag.DO_NOT_QUEUE)
     if reply not in (RequestNameReply.PRIMARY_OWNER, RequestNameReply.ALREADY_OWNER):
         print(f"stillsvc: the name {BUS_NAME} is already taken on this bus: another stillsvc is running",

@@ -9,7 +9,8 @@ from helpers import SIM0, SIMULATOR, call
 from PIL import Image
 from test_ctl import stillctl
 
-from stillsvc.imaging import ImageInfo, parse_raw, pattern_page
+from stillsvc.drivers.sim.pattern import pattern_page
+from stillsvc.imaging import ImageInfo, parse_raw
 
 
 async def test_items_shows_the_tree(daemon):

@@ -962,6 +962,7 @@ async def test_core_polls_a_polling_driver_under_the_lock_and_never_during_data_
     from stillsvc.core.events import Agent, Agents, EventMonitor
     from stillsvc.core.registry import Registry
     from stillsvc.core.sessions import Client
+    from stillsvc.discovery.config import ConfigDiscovery
     from stillsvc.driver import Mode
 
     config = Config(limits=Limits(poll_interval_ms=10), runtime_dir=str(tmp_path / "run"),
@@ -991,19 +992,19 @@ async def test_core_polls_a_polling_driver_under_the_lock_and_never_during_data_
 
     manager.listeners.append(Watcher())
     monitor.start()
-    await manager.start()
+    await manager.start([ConfigDiscovery(config.devices)])
     try:
         await registry.register(ME, "scan-app", ["scan-app"], [], ["id:poll0"])
         poll0 = manager.get("poll0")
         assert monitor._watches["push0"].poller is None  # a push driver is never polled
-        await manager.simulate("poll0", "press_button", button="scan")
+        await asyncio.to_thread(manager.driver_of("poll0").simulate, "press_button", button="scan")
         name, consumer = await asyncio.wait_for(routed.get(), TIMEOUT)
         assert (name, consumer) == ("scan-button", "launch: scan-app via agent test agent of user "
                                     f"{ME}, pid 1 (only match)")
         assert poll0.driver.polls_unlocked == 0  # every poll under the device lock
 
         session = await manager.create_session("poll0", Mode.DATA, Client(name=":holder"))
-        await manager.simulate("poll0", "press_button", button="copy")
+        await asyncio.to_thread(manager.driver_of("poll0").simulate, "press_button", button="copy")
         polls = poll0.driver.polls
         await asyncio.sleep(0.2)  # twenty poll intervals in which nothing may be polled
         assert poll0.driver.polls == polls and routed.empty()

@@ -13,6 +13,8 @@ import pytest
 from PIL import Image
 
 from stillsvc import imaging
+from stillsvc.drivers.sim import pattern
+from stillsvc.drivers.sim.pattern import pattern_page, pattern_rows
 from stillsvc.imaging import (
     COLOR_MODES,
     FORMATS,
@@ -21,8 +23,6 @@ from stillsvc.imaging import (
     ImageInfo,
     make_encoder,
     parse_raw,
-    pattern_page,
-    pattern_rows,
 )
 
 MODES = [("color", 8), ("color", 16), ("gray", 8), ("gray", 16), ("lineart", 1)]
@@ -169,7 +169,7 @@ def test_pattern_deterministic(mode, depth):
     info = info_for(mode, depth, width=123, height=97)
     first = pattern_page(info, 3)
     assert pattern_page(info, 3) == first
-    imaging._plan.cache_clear()
+    pattern._plan.cache_clear()
     assert pattern_page(info, 3) == first
     # The resolution does not change the picture.
     assert pattern_page(ImageInfo(123, 97, mode, depth, 600), 3) == first

@@ -13,13 +13,7 @@ from stillsvc.common.errors import Cancelled, Disconnected, Failed, InvalidArgum
 from stillsvc.core.config import Config, DeviceConfig
 from stillsvc.core.devices import DeviceManager
 from stillsvc.core.items import (
-    Access,
     AppItem,
-    DriverItem,
-    Flags,
-    PropertySpec,
-    Range,
-    ValueList,
     attach_new_items,
     build_app_tree,
     check_dependent,
@@ -30,6 +24,7 @@ from stillsvc.core.items import (
 from stillsvc.core.sessions import Client
 from stillsvc.core.transfer import Transfer
 from stillsvc.driver import Mode
+from stillsvc.driver.items import Access, DriverItem, Flags, PropertySpec, Range, ValueList
 from stillsvc.drivers.sim import SimulatedScanner
 
 SPECS = [

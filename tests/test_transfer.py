@@ -33,7 +33,8 @@ from helpers import (
 )
 from PIL import Image
 
-from stillsvc.imaging import ImageInfo, parse_raw, pattern_page
+from stillsvc.drivers.sim.pattern import pattern_page
+from stillsvc.imaging import ImageInfo, parse_raw
 
 SIM1 = f"{ROOT}/devices/sim1"
 PROPERTY_TYPES = {

@@ -32,6 +32,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from stillsvc.driver import DeviceConfig
+
 DEFAULT_RUNTIME_DIR = "/run/stillsvc"
 DEFAULT_STATE_DIR = "/var/lib/stillsvc"
 
@@ -58,15 +60,6 @@ class Limits:
     transfer_stall_ms: int = 60_000
     max_registrations_per_user: int = 32
     max_string_length: int = 4096
-
-
-@dataclass(frozen=True)
-class DeviceConfig:
-    id: str
-    driver: str
-    port: str = ""
-    name: str = ""
-    options: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)

@@ -48,7 +48,6 @@ from stillsvc.common.names import sanitise_id
 from stillsvc.core.config import Config, DeviceConfig
 from stillsvc.core.items import (
     AppItem,
-    DriverItem,
     attach_new_items,
     build_app_tree,
     check_dependent,
@@ -58,7 +57,9 @@ from stillsvc.core.items import (
 from stillsvc.core.lockfile import DeviceLockFile
 from stillsvc.core.locks import FairLock
 from stillsvc.core.sessions import Client, EventRecord, Hold, Session
-from stillsvc.driver import DeviceEvent, DeviceInfo, Minidriver, Mode
+from stillsvc.discovery import Backend
+from stillsvc.driver import Candidate, DeviceEvent, DeviceInfo, Minidriver, Mode
+from stillsvc.driver.items import DriverItem
 
 log = structlog.get_logger(__name__)
 T = TypeVar("T")
@@ -102,7 +103,8 @@ def _owner_mode(owner: Any) -> Mode:
 class Device:
     """One device: its driver, its arbiters and its lock file."""
 
-    def __init__(self, manager: DeviceManager, config: DeviceConfig, driver: Minidriver, info: DeviceInfo) -> None:
+    def __init__(self, manager: DeviceManager, config: DeviceConfig, driver: Minidriver, info: DeviceInfo,
+                 executor: ThreadPoolExecutor) -> None:
         self.manager = manager
         self.id = config.id
         self.config = config
@@ -137,7 +139,8 @@ class Device:
         #: still alive: in the tree, or out of it but linked by application items.
         self.tree: DriverItem | None = None
         self.live_items: list[DriverItem] = []
-        self._executor: ThreadPoolExecutor = driver._stillsvc_executor  # type: ignore[attr-defined]
+        #: The device's one worker thread: every blocking driver call runs here.
+        self.executor = executor
 
     # -- what clients see -------------------------------------------------------
     @property
@@ -156,7 +159,7 @@ class Device:
     async def call(self, fn: Callable[..., T], *args: Any) -> T:
         """Run a blocking driver call on this device's worker thread."""
         loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._executor, fn, *args)
+        return await loop.run_in_executor(self.executor, fn, *args)
 
     def check_usable(self) -> None:
         if self.disconnected:
@@ -494,14 +497,19 @@ class _Host:
 
 
 class DeviceManager:
-    def __init__(self, config: Config, drivers: dict[str, type[Minidriver]] | None = None) -> None:
+    """The devices and sessions. Devices come from discovery backends as candidates
+    (:meth:`found`, :meth:`lost`); the matcher picks each one's driver from
+    ``drivers`` (name → class, as :func:`stillsvc.drivers.discover` finds them)."""
+
+    def __init__(self, config: Config, drivers: dict[str, type[Minidriver]]) -> None:
         self.config = config
         self.limits = config.limits
-        self.drivers = drivers if drivers is not None else driver_registry.discover()
+        self.drivers = drivers
         self.devices: dict[str, Device] = {}
-        #: Drivers of devices that were unplugged but may come back (simulated ones).
-        self.unplugged: dict[str, tuple[DeviceConfig, Minidriver]] = {}
-        self.simulators: dict[str, Minidriver] = {}
+        #: Devices whose driver reported them unplugged: the driver (and its worker)
+        #: is kept, for the driver may report the device back (device_replugged).
+        self.unplugged: dict[str, tuple[DeviceConfig, Minidriver, ThreadPoolExecutor]] = {}
+        self.backends: list[Backend] = []
         self.sessions: dict[int, Session] = {}
         self.listeners: list[Listener] = []
         #: Chooses the consumer of an event no data-mode session takes (the event
@@ -536,8 +544,39 @@ class DeviceManager:
     def _changed(self, device: Device, names: list[str]) -> None:
         self._notify("device_changed", device, names)
 
+    # -- discovery ----------------------------------------------------------------
+    async def found(self, candidate: Candidate) -> None:
+        """A backend found a device: match its driver and add it. Failures are logged,
+        never raised: one bad device must not stop the others."""
+        cls = driver_registry.match(self.drivers, candidate)
+        if cls is None:
+            what = f"no driver named {quote(candidate.driver)}" if candidate.driver else "no driver matches it"
+            log.error("device not added", device=candidate.id, subsystem=candidate.subsystem, reason=what,
+                      installed=sorted(self.drivers))
+            return
+        try:
+            await asyncio.wait_for(self.add_device(candidate.config(cls.name)), DEVICE_START_TIMEOUT)
+        except StillError as e:
+            log.error("device not added", device=candidate.id, error=e.message)
+        except TimeoutError:
+            log.error("device not added: its driver did not initialise in time", device=candidate.id,
+                      timeout_s=DEVICE_START_TIMEOUT)
+
+    async def lost(self, candidate_id: str) -> None:
+        await self.remove_device(candidate_id)
+
     # -- devices ----------------------------------------------------------------
-    async def add_device(self, config: DeviceConfig, driver: Minidriver | None = None) -> Device:
+    def driver_of(self, device_id: str) -> Minidriver | None:
+        """The driver of a present device, or of one its driver reported unplugged
+        (it may report it back); None otherwise."""
+        device = self.devices.get(device_id)
+        if device is not None:
+            return device.driver
+        entry = self.unplugged.get(device_id)
+        return entry[1] if entry else None
+
+    async def add_device(self, config: DeviceConfig, driver: Minidriver | None = None,
+                         executor: ThreadPoolExecutor | None = None) -> Device:
         if config.id in self.devices:
             raise InvalidArgument(f"device id {quote(config.id)} is already in use")
         path_element = sanitise_id(config.id)
@@ -548,23 +587,25 @@ class DeviceManager:
             if cls is None:
                 raise NotFound(f"no driver named {quote(config.driver)} (installed: {', '.join(sorted(self.drivers))})")
             driver = cls(config, _Host(self, config.id))
-            driver._stillsvc_executor = ThreadPoolExecutor(1, thread_name_prefix=f"device-{path_element}")  # type: ignore[attr-defined]
-        executor: ThreadPoolExecutor = driver._stillsvc_executor  # type: ignore[attr-defined]
+        if executor is None:
+            executor = ThreadPoolExecutor(1, thread_name_prefix=f"device-{path_element}")
         loop = asyncio.get_running_loop()
         try:
             info = await loop.run_in_executor(executor, driver.initialize, config.port, Mode.STATUS)
         except Exception as e:
             log.error("device failed to initialise", device=config.id, driver=config.driver, error=str(e))
+            if config.id not in self.unplugged:
+                executor.shutdown(wait=False)
             raise Failed(f"device {config.id} failed to initialise: {e}") from e
-        device = Device(self, config, driver, info)
+        device = Device(self, config, driver, info, executor)
         try:
             device.adopt_tree(await loop.run_in_executor(executor, driver.build_item_tree))
         except Exception as e:
             device.log.error("driver could not build its item tree", error=str(e))
+            if config.id not in self.unplugged:
+                executor.shutdown(wait=False)
             raise Failed(f"device {config.id} failed to build its item tree: {e}") from e
         self.devices[config.id] = device
-        if driver.simulated:
-            self.simulators[config.id] = driver
         self.unplugged.pop(config.id, None)
         device.log.info("device added", driver=driver.name, name=info.name)
         self._notify("device_added", device)
@@ -594,17 +635,16 @@ class DeviceManager:
         device.lockfile.close()
         if device.live_items:
             self.departed.setdefault(device_id, []).append(device)
+        if keep_driver:
+            self.unplugged[device_id] = (device.config, device.driver, device.executor)
         device.log.info("device removed")
         self._notify("device_removed", device)
-        if keep_driver:
-            self.unplugged[device_id] = (device.config, device.driver)
-        else:
+        if not keep_driver:
             try:
                 await device.call(device.driver.shutdown)
             except Exception as e:
                 device.log.warning("driver shutdown failed", error=str(e))
-            device._executor.shutdown(wait=False)
-            self.simulators.pop(device_id, None)
+            device.executor.shutdown(wait=False)
 
     def _unplugged(self, device_id: str) -> None:
         self._spawn(self.remove_device(device_id, keep_driver=True))
@@ -616,17 +656,8 @@ class DeviceManager:
         entry = self.unplugged.get(device_id)
         if entry is None:
             raise NotFound(f"device {quote(device_id)} is not unplugged")
-        config, driver = entry
-        return await self.add_device(config, driver)
-
-    async def simulate(self, device_id: str, action: str, **arguments: Any) -> Any:
-        """A Simulator action on a simulated device, present or unplugged. It runs on a
-        thread of its own, not the device's worker: pulling the plug must be possible
-        while a transfer occupies the device."""
-        driver = self.simulators.get(device_id)
-        if driver is None:
-            raise NotFound(f"no simulated device {quote(device_id)}")
-        return await asyncio.to_thread(driver.simulate, action, **arguments)
+        config, driver, executor = entry
+        return await self.add_device(config, driver, executor)
 
     def item_report(self, device_id: str) -> list[dict[str, Any]]:
         """Every live driver item of ``device_id``: the present device's tree and
@@ -787,23 +818,28 @@ class DeviceManager:
         return "none: no application registered"
 
     # -- lifetime -----------------------------------------------------------------
-    async def start(self) -> None:
-        for device_config in self.config.devices:
+    async def start(self, backends: list[Backend]) -> None:
+        """Start the discovery backends (this manager is their sink); returns once the
+        devices present at start are added, or were logged as failing."""
+        self.backends = list(backends)
+        for backend in self.backends:
             try:
-                await asyncio.wait_for(self.add_device(device_config), DEVICE_START_TIMEOUT)
-            except StillError as e:
-                log.error("device not added", device=device_config.id, error=e.message)
-            except TimeoutError:
-                log.error("device not added: its driver did not initialise in time", device=device_config.id,
-                          timeout_s=DEVICE_START_TIMEOUT)
+                await backend.start(self)
+            except Exception:
+                log.exception("discovery backend failed to start", backend=backend.name)
 
     async def stop(self) -> None:
+        for backend in self.backends:
+            try:
+                await backend.stop()
+            except Exception:
+                log.exception("discovery backend failed to stop", backend=backend.name)
         for session in list(self.sessions.values()):
             await self.close_session(session, why="service stopping")
         for device_id in list(self.devices):
             await self.remove_device(device_id)
-        for device_id, (_config, driver) in list(self.unplugged.items()):
-            driver._stillsvc_executor.shutdown(wait=False)  # type: ignore[attr-defined]
+        for _config, _driver, executor in self.unplugged.values():
+            executor.shutdown(wait=False)
         self.unplugged.clear()
         for task in list(self._tasks):
             task.cancel()

@@ -40,14 +40,14 @@ device lock, and never while a data-mode client or another program holds it.
 from __future__ import annotations
 
 import enum
+import fnmatch
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Protocol
 
 from stillsvc.common.errors import AccessDenied, NotSupported
-from stillsvc.core.config import DeviceConfig
-from stillsvc.core.items import DriverItem, Valid
+from stillsvc.driver.items import DriverItem, Valid
 
 
 class Mode(enum.Flag):
@@ -81,22 +81,77 @@ class PortPolicy(enum.Enum):
 
 
 @dataclass(frozen=True)
-class Match:
-    """What a driver handles. Every given field must equal the device's."""
+class DeviceConfig:
+    """What a driver instance is made for: the device's id, the driver's name, the
+    port to reach it on, a display name and driver-specific options."""
 
-    subsystem: str  # "usb", "tty", "net", "sane", "config"
+    id: str
+    driver: str
+    port: str = ""
+    name: str = ""
+    options: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """A device a discovery backend found, described by what drivers match on.
+
+    ``id`` is the backend's stable device id (it survives replugging); ``driver``
+    names a driver outright (a configured device) and is empty when the matcher
+    is to choose from the drivers' :class:`Match` declarations.
+    """
+
+    id: str
+    subsystem: str  # "config", "usb", "tty", "sane", "mdns"
+    port: str = ""
+    name: str = ""
+    driver: str = ""
     vendor_id: int | None = None
     product_id: int | None = None
-    interface_class: int | None = None
+    serial: str = ""
+    #: USB interface (class, subclass, protocol) triples, as in udev's ID_USB_INTERFACES.
+    interfaces: tuple[tuple[int, int, int], ...] = ()
+    #: Properties the distribution's hardware databases set (udev), e.g. libsane_matched=yes.
+    properties: Mapping[str, str] = field(default_factory=dict)
+    options: Mapping[str, Any] = field(default_factory=dict)
 
-    def matches(self, properties: dict[str, Any]) -> bool:
-        if properties.get("subsystem") != self.subsystem:
+    def config(self, driver: str) -> DeviceConfig:
+        return DeviceConfig(id=self.id, driver=driver, port=self.port, name=self.name, options=dict(self.options))
+
+
+@dataclass(frozen=True)
+class Match:
+    """What a driver handles, declared (in the manner of an ``.inf`` file): a
+    candidate fits when it is of ``subsystem`` and every other given field fits.
+
+    ``interface``: a USB interface the device must have, as (class, subclass,
+    protocol) with None for "any" (``(6, 1, 1)``: still image, PTP).
+    ``properties``: udev properties that must have these values
+    (``(("libsane_matched", "yes"),)``). ``port``: an ``fnmatch`` pattern for the
+    candidate's port: a SANE device name (``"test:*"``), an mDNS service type.
+    """
+
+    subsystem: str
+    vendor_id: int | None = None
+    product_id: int | None = None
+    interface: tuple[int | None, int | None, int | None] | None = None
+    properties: tuple[tuple[str, str], ...] = ()
+    port: str | None = None
+
+    def matches(self, candidate: Candidate) -> bool:
+        if candidate.subsystem != self.subsystem:
             return False
-        for key in ("vendor_id", "product_id", "interface_class"):
-            wanted = getattr(self, key)
-            if wanted is not None and properties.get(key) != wanted:
-                return False
-        return True
+        if self.vendor_id is not None and candidate.vendor_id != self.vendor_id:
+            return False
+        if self.product_id is not None and candidate.product_id != self.product_id:
+            return False
+        if self.interface is not None and not any(
+                all(want is None or want == have for want, have in zip(self.interface, triple))
+                for triple in candidate.interfaces):
+            return False
+        if any(candidate.properties.get(key) != value for key, value in self.properties):
+            return False
+        return self.port is None or fnmatch.fnmatchcase(candidate.port, self.port)
 
 
 @dataclass(frozen=True)
@@ -161,8 +216,6 @@ class Minidriver:
     matches: ClassVar[tuple[Match, ...]] = ()
     port_policy: ClassVar[PortPolicy] = PortPolicy.DEDICATED
     events: ClassVar[EventSource] = EventSource.NONE
-    #: Only simulated devices expose the Simulator interface.
-    simulated: ClassVar[bool] = False
 
     def __init__(self, config: DeviceConfig, host: DriverHost) -> None:
         self.config = config
@@ -256,7 +309,3 @@ class Minidriver:
         """A device command on ``item``, e.g. ``synchronize``. Item tree changes are
         made by the service from :meth:`build_item_tree` after ``synchronize``."""
         raise NotSupported(f"{self.name}: command {command!r} is not supported")
-
-    # -- simulator (simulated devices only) ---------------------------------
-    def simulate(self, action: str, **arguments: Any) -> Any:
-        raise NotSupported("this device is not simulated")

@@ -1,4 +1,5 @@
-"""Finding minidrivers: the ``stillsvc.drivers`` entry-point group."""
+"""Finding minidrivers (the ``stillsvc.drivers`` entry-point group), and the
+matcher that picks the driver for a discovered candidate."""
 
 from __future__ import annotations
 
@@ -6,7 +7,7 @@ from importlib.metadata import entry_points
 
 import structlog
 
-from stillsvc.driver import Minidriver
+from stillsvc.driver import Candidate, Minidriver
 
 log = structlog.get_logger(__name__)
 
@@ -33,9 +34,13 @@ def discover() -> dict[str, type[Minidriver]]:
     return found
 
 
-def match(drivers: dict[str, type[Minidriver]], properties: dict) -> type[Minidriver] | None:
-    """The first driver (by name, for a stable choice) whose Match fits a discovered device."""
+def match(drivers: dict[str, type[Minidriver]], candidate: Candidate) -> type[Minidriver] | None:
+    """The driver for ``candidate``: the one it names (a configured device), else the
+    first driver, by name for a stable choice, with a :class:`~stillsvc.driver.Match`
+    that fits it. None when no driver handles it."""
+    if candidate.driver:
+        return drivers.get(candidate.driver)
     for name in sorted(drivers):
-        if any(m.matches(properties) for m in drivers[name].matches):
+        if any(m.matches(candidate) for m in drivers[name].matches):
             return drivers[name]
     return None

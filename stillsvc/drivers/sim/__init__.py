@@ -1,7 +1,7 @@
 """``sim``: a simulated flatbed scanner with an automatic document feeder.
 
 It has four buttons (scan, copy, email, pdf), a paper sensor on the feeder and a
-deterministic test pattern for every page (:func:`stillsvc.imaging.pattern_rows`),
+deterministic test pattern for every page (:func:`stillsvc.drivers.sim.pattern.pattern_rows`),
 so a transfer can be checked byte for byte. Its ``simulate`` actions back the
 ``Simulator`` D-Bus interface: press a button, load pages, jam, unplug, replug,
 attach or detach the feeder.
@@ -19,7 +19,6 @@ from dataclasses import dataclass
 from typing import Any
 
 from stillsvc.common.errors import Disconnected, Failed, InvalidArgument
-from stillsvc.core.items import Access, DriverItem, PropertySpec, Range, ValueList
 from stillsvc.driver import (
     DeviceEvent,
     DeviceInfo,
@@ -30,6 +29,9 @@ from stillsvc.driver import (
     PageInfo,
     PortPolicy,
 )
+from stillsvc.driver.items import Access, DriverItem, PropertySpec, Range, ValueList
+from stillsvc.drivers.sim.pattern import pattern_rows
+from stillsvc.imaging import ImageInfo
 
 BUTTONS = ("scan", "copy", "email", "pdf")
 EVENTS = tuple(f"{b}-button" for b in BUTTONS) + ("paper-loaded", "paper-empty", "paper-jam")
@@ -83,7 +85,6 @@ class _SimPage:
     cancel: threading.Event
 
     def bands(self) -> Iterator[bytes]:
-        from stillsvc.imaging import ImageInfo, pattern_rows
 
         image = ImageInfo(self.info.width, self.info.height, self.info.mode, self.info.depth, self.info.resolution)
         rows = max(1, BAND_BYTES // max(1, image.bytes_per_line))
@@ -104,7 +105,6 @@ class SimulatedScanner(Minidriver):
     matches = (Match(subsystem="config"),)
     port_policy = PortPolicy.DEDICATED
     events = EventSource.PUSH
-    simulated = True
 
     def __init__(self, config, host) -> None:  # type: ignore[no-untyped-def]
         super().__init__(config, host)

@@ -34,7 +34,7 @@ MAX_WAIT_MS = 10 * 60 * 1000
 MAX_IO_BYTES = 16 * 1024 * 1024
 
 
-def _check_string(service: Service, value: str, what: str):
+def check_string(service: Service, value: str, what: str):
     if len(value) > service.manager.limits.max_string_length:
         raise InvalidArgument(f"{what} is too long ({len(value)} characters)")
 
@@ -58,12 +58,12 @@ class ManagerInterface(ServiceInterface):
 
     @method()
     def FindDevice(self, device_id: "s") -> "o":
-        _check_string(self.service, device_id, "device_id")
+        check_string(self.service, device_id, "device_id")
         return device_path(self.service.manager.get(device_id).id)
 
     @method()
     async def CreateDevice(self, device_id: "s", mode: "s", options: "a{sv}") -> "o":
-        _check_string(self.service, device_id, "device_id")
+        check_string(self.service, device_id, "device_id")
         parsed = Mode.parse(mode)
         check_options(options, {"wait_ms"})
         wait_ms = integer_option(options, "wait_ms", 0, 0, MAX_WAIT_MS)
@@ -73,7 +73,7 @@ class ManagerInterface(ServiceInterface):
 
     @method()
     def GetDriverItems(self, device_id: "s") -> "aa{sv}":
-        _check_string(self.service, device_id, "device_id")
+        check_string(self.service, device_id, "device_id")
         return [to_vardict(entry) for entry in self.service.manager.item_report(device_id)]
 
     @method()
@@ -141,7 +141,7 @@ class DeviceInterface(ServiceInterface):
             "DataModeWaiters": Variant("u", len(d.data_mode.waiting)),
             "LockWaiters": Variant("u", len(d.device_lock.waiting)),
             "LockFile": Variant("s", str(d.lockfile.path)),
-            "Simulated": Variant("b", d.driver.simulated),
+            "Simulated": Variant("b", SIMULATOR_IFACE in self.service.extensions_of(d.id)),
             "UndeliveredEvents": Variant("u", d.events_undelivered),
         }
 
@@ -219,7 +219,7 @@ class DeviceInterface(ServiceInterface):
 
     @dbus_property(access=PropertyAccess.READ)
     def Simulated(self) -> "b":
-        return self.device.driver.simulated
+        return SIMULATOR_IFACE in self.service.extensions_of(self.device.id)
 
     @dbus_property(access=PropertyAccess.READ)
     def UndeliveredEvents(self) -> "u":
@@ -396,94 +396,3 @@ class SessionInterface(ServiceInterface):
     @signal()
     def EventQueued(self) -> "st":  # pragma: no cover - sent with unicast_signal
         raise NotImplementedError
-
-
-class SimulatorInterface(ServiceInterface):
-    """Drive a simulated device: only exported for drivers with ``simulated = True``."""
-
-    def __init__(self, service: Service, device_id: str):
-        super().__init__(SIMULATOR_IFACE)
-        self.service = service
-        self.device_id = device_id
-
-    @property
-    def driver(self) -> Any:
-        return self.service.manager.simulators[self.device_id]
-
-    def snapshot(self) -> dict[str, Variant]:
-        state = self.driver.simulator_state()
-        return {
-            "Connected": Variant("b", state["connected"]),
-            "PortOpen": Variant("b", state["port_open"]),
-            "PagesLoaded": Variant("u", state["pages_loaded"]),
-            "Jammed": Variant("b", state["jammed"]),
-            "FeederAttached": Variant("b", state["feeder_attached"]),
-            "PagesFed": Variant("u", state["pages_fed"]),
-            "LastSettings": Variant("a{sv}", self._last_settings()),
-        }
-
-    def _last_settings(self) -> dict[str, Variant]:
-        return {item: Variant("a{sv}", to_vardict(values))
-                for item, values in self.driver.last_settings.items()}
-
-    def changed(self):
-        self.emit_properties_changed({k: v.value for k, v in self.snapshot().items()})
-
-    async def _act(self, action: str, **arguments: Any):
-        await self.service.manager.simulate(self.device_id, action, **arguments)
-        self.changed()
-
-    @method()
-    async def PressButton(self, button: "s"):
-        _check_string(self.service, button, "button")
-        await self._act("press_button", button=button)
-
-    @method()
-    async def LoadPages(self, count: "u"):
-        await self._act("load_pages", count=count)
-
-    @method()
-    async def Jam(self, at_row: "u"):
-        await self._act("jam", at_row=at_row)
-
-    @method()
-    async def Unplug(self):
-        await self._act("unplug")
-
-    @method()
-    async def Replug(self):
-        await self._act("replug")
-
-    @method()
-    async def AttachFeeder(self, attached: "b"):
-        await self._act("attach_feeder", attached=attached)
-
-    @dbus_property(access=PropertyAccess.READ)
-    def Connected(self) -> "b":
-        return self.driver.simulator_state()["connected"]
-
-    @dbus_property(access=PropertyAccess.READ)
-    def PortOpen(self) -> "b":
-        return self.driver.simulator_state()["port_open"]
-
-    @dbus_property(access=PropertyAccess.READ)
-    def PagesLoaded(self) -> "u":
-        return self.driver.simulator_state()["pages_loaded"]
-
-    @dbus_property(access=PropertyAccess.READ)
-    def Jammed(self) -> "b":
-        return self.driver.simulator_state()["jammed"]
-
-    @dbus_property(access=PropertyAccess.READ)
-    def FeederAttached(self) -> "b":
-        return self.driver.simulator_state()["feeder_attached"]
-
-    @dbus_property(access=PropertyAccess.READ)
-    def PagesFed(self) -> "u":
-        return self.driver.simulator_state()["pages_fed"]
-
-    @dbus_property(access=PropertyAccess.READ)
-    def LastSettings(self) -> "a{sv}":
-        return self._last_settings()
-
-

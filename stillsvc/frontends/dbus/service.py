@@ -26,14 +26,14 @@ from stillsvc.common.names import (
     ROOT_PATH,
     SESSION_IFACE,
     SESSIONS_PATH,
-    SIMULATOR_IFACE,
     device_path,
 )
 from stillsvc.core.devices import Device, DeviceManager, Listener
 from stillsvc.core.sessions import Client, EventRecord, Session
+from stillsvc.frontends.dbus import extensions
 from stillsvc.frontends.dbus.authority import Authority
 from stillsvc.frontends.dbus.bus import ServiceBus, error_name
-from stillsvc.frontends.dbus.interfaces import DeviceInterface, ManagerInterface, SessionInterface, SimulatorInterface
+from stillsvc.frontends.dbus.interfaces import DeviceInterface, ManagerInterface, SessionInterface
 from stillsvc.frontends.dbus.items import ItemInterface, item_path
 from stillsvc.frontends.dbus.variants import to_vardict
 
@@ -60,7 +60,9 @@ class Service(Listener):
         self.authority = Authority(bus, authorization)
         self.manager_iface = ManagerInterface(self)
         self.device_ifaces: dict[str, DeviceInterface] = {}
-        self.simulator_ifaces: dict[str, SimulatorInterface] = {}
+        #: Driver-specific interfaces on device objects (extensions.py), by device id.
+        self.extension_ifaces: dict[str, list[Any]] = {}
+        self.extension_classes = extensions.discover()
         self.session_ifaces: dict[int, SessionInterface] = {}
         self.item_ifaces: dict[int, dict[int, ItemInterface]] = {}
         self.clients: dict[str, Client] = {}
@@ -113,7 +115,7 @@ class Service(Listener):
 
     def managed_objects(self) -> dict[str, dict[str, dict[str, Variant]]]:
         objects: dict[str, dict[str, dict[str, Variant]]] = {}
-        for device_id in set(self.device_ifaces) | set(self.simulator_ifaces):
+        for device_id in set(self.device_ifaces) | set(self.extension_ifaces):
             objects[device_path(device_id)] = self._interfaces_of(device_id)
         return objects
 
@@ -121,9 +123,13 @@ class Service(Listener):
         interfaces: dict[str, dict[str, Variant]] = {}
         if device_id in self.device_ifaces:
             interfaces[DEVICE_IFACE] = self.device_ifaces[device_id].snapshot()
-        if device_id in self.simulator_ifaces:
-            interfaces[SIMULATOR_IFACE] = self.simulator_ifaces[device_id].snapshot()
+        for extension in self.extension_ifaces.get(device_id, ()):
+            interfaces[extension.name] = _snapshot(extension)
         return interfaces
+
+    def extensions_of(self, device_id: str) -> list[str]:
+        """The names of the driver-specific interfaces on a device's object."""
+        return [extension.name for extension in self.extension_ifaces.get(device_id, ())]
 
     # -- devices --------------------------------------------------------------------
     def device_added(self, device: Device) -> None:
@@ -131,14 +137,16 @@ class Service(Listener):
         iface = DeviceInterface(self, device)
         self.device_ifaces[device.id] = iface
         self.bus.export(path, iface)
-        added = {DEVICE_IFACE: iface.snapshot()}
-        if device.driver.simulated and device.id not in self.simulator_ifaces:
-            sim = SimulatorInterface(self, device.id)
-            self.simulator_ifaces[device.id] = sim
-            self.bus.export(path, sim)
-            added[SIMULATOR_IFACE] = sim.snapshot()
-        elif device.id in self.simulator_ifaces:
-            self.simulator_ifaces[device.id].changed()
+        if device.id not in self.extension_ifaces:
+            extensions_added = [cls(self, device.id) for cls in self.extension_classes.get(device.driver.name, ())]
+            for extension in extensions_added:
+                self.bus.export(path, extension)
+            self.extension_ifaces[device.id] = extensions_added
+        else:  # the driver was kept while the device was away: its interfaces stayed
+            extensions_added = []
+            for extension in self.extension_ifaces[device.id]:
+                _changed(extension)
+        added = {DEVICE_IFACE: iface.snapshot(), **{e.name: _snapshot(e) for e in extensions_added}}
         self.bus.broadcast_signal(ROOT_PATH, OBJECT_MANAGER_IFACE, "InterfacesAdded", "oa{sa{sv}}", [path, added])
         self.manager_iface.emit_properties_changed({"Devices": sorted(device_path(d) for d in self.manager.devices)})
 
@@ -149,11 +157,13 @@ class Service(Listener):
             return
         self.bus.unexport(path, iface)
         removed = [DEVICE_IFACE]
-        if device.id not in self.manager.simulators and device.id in self.simulator_ifaces:
-            self.bus.unexport(path, self.simulator_ifaces.pop(device.id))
-            removed.append(SIMULATOR_IFACE)
-        elif device.id in self.simulator_ifaces:
-            self.simulator_ifaces[device.id].changed()
+        if self.manager.driver_of(device.id) is None:
+            for extension in self.extension_ifaces.pop(device.id, ()):
+                self.bus.unexport(path, extension)
+                removed.append(extension.name)
+        else:  # the driver may bring the device back: its own interfaces stay
+            for extension in self.extension_ifaces.get(device.id, ()):
+                _changed(extension)
         self.bus.broadcast_signal(ROOT_PATH, OBJECT_MANAGER_IFACE, "InterfacesRemoved", "oas", [path, removed])
         self.manager_iface.emit_properties_changed({"Devices": sorted(device_path(d) for d in self.manager.devices)})
 
@@ -161,9 +171,8 @@ class Service(Listener):
         iface = self.device_ifaces.get(device.id)
         if iface is not None and iface.device is device:
             iface.changed(names)
-        sim = self.simulator_ifaces.get(device.id)
-        if sim is not None:
-            sim.changed()
+        for extension in self.extension_ifaces.get(device.id, ()):
+            _changed(extension)
 
     # -- sessions ---------------------------------------------------------------------
     def export_session(self, session: Session) -> str:
@@ -327,6 +336,20 @@ class Service(Listener):
         self.manager._spawn(self._dbus_call("RemoveMatch", "s", [
             f"type='signal',sender='{DBUS_NAME}',path='{DBUS_PATH}',interface='{DBUS_NAME}',"
             f"member='NameOwnerChanged',arg0='{name}'"]))
+
+
+def _snapshot(extension: Any) -> dict[str, Variant]:
+    snapshot = getattr(extension, "snapshot", None)
+    return snapshot() if callable(snapshot) else {}
+
+
+def _changed(extension: Any) -> None:
+    changed = getattr(extension, "changed", None)
+    if callable(changed):
+        try:
+            changed()
+        except Exception:
+            log.exception("extension interface failed to announce a change", interface=extension.name)
 
 
 __all__ = ["Service", "BUS_NAME"]
