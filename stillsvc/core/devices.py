@@ -26,11 +26,10 @@ import contextlib
 import time
 from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import structlog
 
-from stillsvc import drivers as driver_registry
 from stillsvc.common.errors import (
     AccessDenied,
     Busy,
@@ -57,9 +56,11 @@ from stillsvc.core.items import (
 from stillsvc.core.lockfile import DeviceLockFile
 from stillsvc.core.locks import FairLock
 from stillsvc.core.sessions import Client, EventRecord, Hold, Session
-from stillsvc.discovery import Backend
-from stillsvc.driver import Candidate, DeviceEvent, DeviceInfo, Minidriver, Mode
+from stillsvc.driver import Candidate, DeviceEvent, DeviceInfo, Minidriver, Mode, match
 from stillsvc.driver.items import DriverItem
+
+if TYPE_CHECKING:
+    from stillsvc.discovery import Backend
 
 log = structlog.get_logger(__name__)
 T = TypeVar("T")
@@ -135,6 +136,11 @@ class Device:
         self._outside_watch: asyncio.Task[None] | None = None
         #: The device-lock holder whose driver.lock() has completed (unlock undoes it).
         self._locked_for: Any = None
+        #: The holder whose lock() is still being set up (lock file, driver.lock()),
+        #: with a future that is done when that setup has finished or been undone.
+        self._setup: tuple[Any, asyncio.Future[None]] | None = None
+        #: A holder that was let go of while its setup ran: the setup undoes itself.
+        self._abandoned: Any = None
         #: The driver item tree (root = the device), and every driver item that is
         #: still alive: in the tree, or out of it but linked by application items.
         self.tree: DriverItem | None = None
@@ -195,17 +201,29 @@ class Device:
         """Take the device lock for ``owner``, waiting in line (and then for another
         program holding the lock file) up to ``timeout`` seconds in all."""
         self.check_usable()
-        deadline = asyncio.get_running_loop().time() + timeout
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
         await self.device_lock.acquire(owner, timeout, limited)
+        # Until the setup is done, letting go of this hold (unlock, the session
+        # closing) only marks it abandoned: the setup undoes its own driver.lock()
+        # and only then passes the lock on, so the next holder's driver.lock()
+        # can never run before this one's driver.unlock().
+        done: asyncio.Future[None] = loop.create_future()
+        self._setup = (owner, done)
+
+        def wanted() -> bool:
+            return self._abandoned is not owner and _owner_alive(owner)
+
         driver_locked = False
         try:
             self.check_usable()
-            await self.take_lockfile(lambda: self.device_lock.holder is owner and _owner_alive(owner),
-                                     deadline, timeout)
+            await self.take_lockfile(wanted, deadline, timeout)
             self.check_usable()
+            if not wanted():
+                raise Cancelled(f"the device lock of {self.id} was given up while it was being taken")
             await self._guarded(self.driver.lock, _owner_mode(owner))
             driver_locked = True
-            if self.device_lock.holder is not owner or not _owner_alive(owner):
+            if not wanted():
                 raise Cancelled(f"the device lock of {self.id} was given up while it was being taken")
             self._locked_for = owner
         except BaseException:
@@ -216,10 +234,20 @@ class Device:
                 self.device_lock.release(owner)
             self.settle_lockfile()
             raise
+        finally:
+            self._setup = None
+            if self._abandoned is owner:
+                self._abandoned = None
+            done.set_result(None)
 
     async def unlock(self, owner: Any) -> None:
         if self.device_lock.holder is not owner:
             raise Failed(f"the device lock of {self.id} is not held by this session")
+        if self._setup is not None and self._setup[0] is owner:
+            # Still being taken: the taking gives up, undoes what it did and lets go.
+            self._abandoned = owner
+            await asyncio.shield(self._setup[1])
+            return
         locked = self._locked_for is owner
         if locked:
             self._locked_for = None
@@ -336,9 +364,12 @@ class Device:
         self.device_lock.release(session)
         self.log.info("standing back for another program", session=session.number, client=session.client.name)
         loop = asyncio.get_running_loop()
-        self.lockfile.watch_until_free(lambda: loop.call_soon_threadsafe(self.manager._spawn, self._take_back()))
+        self.lockfile.watch_until_free(lambda: _call_soon(loop, self._spawn_take_back))
         self.manager._changed(self, ["State"])
         return fd
+
+    def _spawn_take_back(self) -> None:
+        self.manager._spawn(self._take_back())
 
     async def _take_back(self) -> None:
         if not self.standing_back:
@@ -548,7 +579,7 @@ class DeviceManager:
     async def found(self, candidate: Candidate) -> None:
         """A backend found a device: match its driver and add it. Failures are logged,
         never raised: one bad device must not stop the others."""
-        cls = driver_registry.match(self.drivers, candidate)
+        cls = match(self.drivers, candidate)
         if cls is None:
             what = f"no driver named {quote(candidate.driver)}" if candidate.driver else "no driver matches it"
             log.error("device not added", device=candidate.id, subsystem=candidate.subsystem, reason=what,
@@ -843,6 +874,14 @@ class DeviceManager:
         self.unplugged.clear()
         for task in list(self._tasks):
             task.cancel()
+
+
+def _call_soon(loop: asyncio.AbstractEventLoop, fn: Callable[[], None]) -> None:
+    """From another thread: run ``fn`` on ``loop``, unless the loop has ended."""
+    try:
+        loop.call_soon_threadsafe(fn)
+    except RuntimeError:  # the service stopped while the other program held the device
+        pass
 
 
 def _client_of(owner: Any) -> Client | None:

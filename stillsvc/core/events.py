@@ -7,7 +7,7 @@ device's events — pushed by the driver, or, for drivers that can only ask, pol
 at ``service.poll_interval_ms`` under the device lock — and routes each one:
 
 1. a session holds the device in data mode: the event is queued for it (done by
-   :meth:`stillsvc.devices.DeviceManager.route`);
+   :meth:`stillsvc.core.devices.DeviceManager.route`);
 2. otherwise the monitor starts one registered application (this module): it is
    the manager's ``launcher``;
 3. while the device is handed over to another program, events are not routed.

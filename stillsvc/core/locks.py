@@ -85,6 +85,9 @@ class FairLock(Generic[Owner]):
         timer = loop.call_later(timeout, expire)
         try:
             await fut
+            if self.holder is not owner:
+                # Granted, then discarded before this wait resumed: nothing is held.
+                raise self._gone_error()
         except BaseException:
             # Timed out, cancelled or the waiter vanished: leave the line. If we were
             # granted the lock in the same instant, give it on.

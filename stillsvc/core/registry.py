@@ -7,7 +7,7 @@ the registering user and started in that user's session by that user's agent —
 *system-wide* — started by the service itself as an unprivileged user.
 
 A per-device, per-event *default* names the registration to start when several
-match (see :mod:`stillsvc.events` for the whole choice).
+match (see :mod:`stillsvc.core.events` for the whole choice).
 
 Everything is kept in ``<state_dir>/registrations.json``, rewritten atomically on
 every change (a temporary file in the same directory, ``fsync``, ``rename``,

@@ -2,7 +2,7 @@
 
 A session belongs to the client (the D-Bus connection) that created it. It holds
 status mode, data mode or both; data mode and the device lock are claimed through
-the device's :class:`~stillsvc.locks.FairLock` objects, so that closing the session
+the device's :class:`~stillsvc.core.locks.FairLock` objects, so that closing the session
 — or the client vanishing — releases everything at once.
 """
 
@@ -85,7 +85,7 @@ class Session:
         self._fds: list[int] = []
         #: The session's own application items (root = the device), if the device has a tree.
         self.root_item: AppItem | None = None
-        #: Transfers running for this session (stillsvc.transfer.Transfer).
+        #: Transfers running for this session (stillsvc.core.transfer.Transfer).
         self.transfers: set[Any] = set()
 
     def __repr__(self) -> str:

@@ -26,7 +26,7 @@ sessions without data mode before anything reaches the driver;
 
 Ports. A driver on a *dedicated* port (USB) opens it in :meth:`initialize`; a
 driver on a *shared* port (a serial line other devices may use) opens it only in
-:meth:`lock` and closes it in :meth:`unlock` (see :mod:`stillsvc.serialport`).
+:meth:`lock` and closes it in :meth:`unlock` (see :mod:`stillsvc.driver.serialport`).
 When another program takes the device (``stillctl lock``), the service calls
 :meth:`release_port` and, when it gets the device back, :meth:`reclaim_port`.
 
@@ -309,3 +309,15 @@ class Minidriver:
         """A device command on ``item``, e.g. ``synchronize``. Item tree changes are
         made by the service from :meth:`build_item_tree` after ``synchronize``."""
         raise NotSupported(f"{self.name}: command {command!r} is not supported")
+
+
+def match(drivers: Mapping[str, type[Minidriver]], candidate: Candidate) -> type[Minidriver] | None:
+    """The matcher: the driver for ``candidate`` — the one it names (a configured
+    device), else the first driver, by name for a stable choice, with a
+    :class:`Match` that fits it. None when no driver handles it."""
+    if candidate.driver:
+        return drivers.get(candidate.driver)
+    for name in sorted(drivers):
+        if any(m.matches(candidate) for m in drivers[name].matches):
+            return drivers[name]
+    return None

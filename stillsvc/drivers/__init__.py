@@ -7,7 +7,7 @@ from importlib.metadata import entry_points
 
 import structlog
 
-from stillsvc.driver import Candidate, Minidriver
+from stillsvc.driver import Minidriver, match
 
 log = structlog.get_logger(__name__)
 
@@ -34,13 +34,4 @@ def discover() -> dict[str, type[Minidriver]]:
     return found
 
 
-def match(drivers: dict[str, type[Minidriver]], candidate: Candidate) -> type[Minidriver] | None:
-    """The driver for ``candidate``: the one it names (a configured device), else the
-    first driver, by name for a stable choice, with a :class:`~stillsvc.driver.Match`
-    that fits it. None when no driver handles it."""
-    if candidate.driver:
-        return drivers.get(candidate.driver)
-    for name in sorted(drivers):
-        if any(m.matches(candidate) for m in drivers[name].matches):
-            return drivers[name]
-    return None
+__all__ = ["GROUP", "discover", "match"]

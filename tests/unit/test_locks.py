@@ -358,9 +358,6 @@ async def test_holder_released_and_waiter_discarded_in_the_same_step_leaves_noth
     assert fair.holder is None
 
 
-@pytest.mark.xfail(strict=True, reason="FairLock.acquire returns normally for an owner that was granted the "
-                                       "lock and discarded before its wait resumed: the caller believes it "
-                                       "holds a lock that is free (stillsvc/core/locks.py acquire/discard)")
 async def test_a_waiter_granted_and_discarded_in_the_same_step_does_not_return_as_holder(line):
     waiting_line = line()
     fair = waiting_line.lock

@@ -383,11 +383,6 @@ class GatedScanner(SimulatedScanner):
         return {**super().get_status(mode), "driver_locked": self.locked}
 
 
-@pytest.mark.xfail(strict=True, reason="Device.lock calls driver.lock for a holder whose hold was given up "
-                                       "meanwhile, then driver.unlock after the next holder's driver.lock: the "
-                                       "next holder runs with the driver unlocked (stillsvc/core/devices.py "
-                                       "Device.lock: take_lockfile's fast path ignores wanted(), and the "
-                                       "holder is re-checked only after driver.lock)")
 async def test_a_lock_given_up_while_the_driver_locks_does_not_unlock_the_next_holder(tmp_path):
     manager = DeviceManager(make_config(tmp_path), drivers={"gated": GatedScanner})
     changes = Changes()

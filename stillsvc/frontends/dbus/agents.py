@@ -45,7 +45,7 @@ def _bool_option(options: dict[str, Variant], key: str) -> bool:
 
 
 class AgentBridge:
-    """Connects the core's :class:`~stillsvc.events.EventMonitor` to the bus."""
+    """Connects the core's :class:`~stillsvc.core.events.EventMonitor` to the bus."""
 
     def __init__(self, service: Service, monitor: EventMonitor) -> None:
         self.service = service

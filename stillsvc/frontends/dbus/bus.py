@@ -5,7 +5,7 @@
    :class:`contextvars.ContextVar`; sync handlers and the tasks created for async
    ones read it with :func:`caller`.
 2. *Errors.* :func:`method` wraps every exported method: core
-   :class:`~stillsvc.errors.StillError` subclasses become
+   :class:`~stillsvc.common.errors.StillError` subclasses become
    ``org.stillsvc.StillImage1.Error.<Name>`` replies; anything else is logged with
    its traceback and answered with ``Error.Failed`` and a fixed text, so no
    traceback or internal detail ever crosses the bus.
