@@ -608,8 +608,7 @@ async def test_manager_unplug_during_a_transfer_fails_it_with_disconnected(manag
     await device.write_item_properties(flatbed, {"resolution": 600})
     r, w = os.pipe()
     try:
-        transfer = Transfer(device, session, flatbed, w, "raw")
-        session.transfers.add(transfer)
+        transfer = Transfer(device, session, flatbed, w, "raw")  # its job joins session.jobs when it starts
         running = asyncio.ensure_future(transfer.run())
         await asyncio.wait_for(_readable(r), 5)  # the transfer has started writing
         device.driver.connected = False

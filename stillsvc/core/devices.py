@@ -178,15 +178,15 @@ class Device:
         otherwise a hold the service takes (waiting in line) for this call alone."""
         self.check_usable()
         if session is not None and self.device_lock.holder is session:
-            return await self._guarded(fn, *args)
+            return await self.run_driver(fn, *args)
         owner = Hold(why, session)
         await self.lock(owner, self.manager.config.limits.io_wait_ms / 1000)
         try:
-            return await self._guarded(fn, *args)
+            return await self.run_driver(fn, *args)
         finally:
             await self.unlock(owner)
 
-    async def _guarded(self, fn: Callable[..., T], *args: Any) -> T:
+    async def run_driver(self, fn: Callable[..., T], *args: Any) -> T:
         try:
             return await self.call(fn, *args)
         except StillError:
@@ -221,7 +221,7 @@ class Device:
             self.check_usable()
             if not wanted():
                 raise Cancelled(f"the device lock of {self.id} was given up while it was being taken")
-            await self._guarded(self.driver.lock, _owner_mode(owner))
+            await self.run_driver(self.driver.lock, _owner_mode(owner))
             driver_locked = True
             if not wanted():
                 raise Cancelled(f"the device lock of {self.id} was given up while it was being taken")
@@ -229,7 +229,7 @@ class Device:
         except BaseException:
             if driver_locked and not self.disconnected:
                 with contextlib.suppress(StillError):
-                    await self._guarded(self.driver.unlock)
+                    await self.run_driver(self.driver.unlock)
             if self.device_lock.holder is owner:
                 self.device_lock.release(owner)
             self.settle_lockfile()
@@ -253,7 +253,7 @@ class Device:
             self._locked_for = None
         try:
             if locked and not self.disconnected:
-                await self._guarded(self.driver.unlock)
+                await self.run_driver(self.driver.unlock)
         except StillError as e:
             self.log.warning("driver unlock failed", error=e.message)
         finally:
@@ -266,22 +266,22 @@ class Device:
 
     async def _revoke(self, owner: Any) -> None:
         """The hold time ran out. A holder whose transfer is still moving data keeps
-        the lock (a feeder job may take minutes); otherwise its transfers are
+        the lock (a feeder job may take minutes); otherwise its jobs are
         stopped first — they occupy the worker thread that must run the unlock —
         and the lock is taken away."""
         if self.device_lock.holder is not owner:
             return
         max_hold = self.manager.limits.lock_max_hold_ms
-        transfers = list(getattr(owner, "transfers", ()))
-        if any(t.progressed_within(max_hold / 1000) for t in transfers):
+        jobs = list(getattr(owner, "jobs", ()))
+        if any(job.progressed_within(max_hold / 1000) for job in jobs):
             self.log.debug("device lock hold extended: a transfer is making progress", holder=_describe_owner(owner))
             self.device_lock.extend(owner)
             return
         self.log.warning("device lock held too long, revoking", holder=_describe_owner(owner), max_hold_ms=max_hold)
-        for transfer in transfers:
-            transfer.stop(f"the device lock was held longer than {max_hold} ms", Timeout)
-        for transfer in transfers:
-            await transfer.finished.wait()
+        for job in jobs:
+            job.stop(f"the device lock was held longer than {max_hold} ms", Timeout)
+        for job in jobs:
+            await job.finished.wait()
         if self.device_lock.holder is owner:
             await self.unlock(owner)
         if isinstance(owner, Session):
@@ -356,8 +356,8 @@ class Device:
         if not session.holds_data or not session.holds_lock:
             raise AccessDenied("handing the device over needs data mode and the device lock")
         self._locked_for = None
-        await self._guarded(self.driver.unlock)
-        await self._guarded(self.driver.release_port)
+        await self.run_driver(self.driver.unlock)
+        await self.run_driver(self.driver.release_port)
         fd = self.lockfile.hand_over()
         session.keep_fd(fd)
         self.standing_back = True
@@ -376,7 +376,7 @@ class Device:
             return
         try:
             if not self.disconnected:
-                await self._guarded(self.driver.reclaim_port)
+                await self.run_driver(self.driver.reclaim_port)
         except StillError as e:
             self.log.error("could not reclaim the device's port", error=e.message)
         self.standing_back = False
@@ -656,8 +656,8 @@ class DeviceManager:
         if device._outside_watch is not None:
             device._outside_watch.cancel()
         for session in list(device.sessions):
-            for transfer in list(session.transfers):
-                transfer.stop("the device was disconnected", Disconnected)
+            for job in list(session.jobs):
+                job.stop("the device was disconnected", Disconnected)
         if device.tree is not None:
             device.tree.remove()  # -1 for every item; linked ones live on, marked
         for fair in (device.data_mode, device.device_lock):
@@ -767,8 +767,8 @@ class DeviceManager:
         self.sessions.pop(session.number, None)
         device = session.device
         device.sessions.discard(session)
-        for transfer in list(session.transfers):
-            transfer.stop("the session was closed")
+        for job in list(session.jobs):
+            job.stop("the session was closed")
         if device.device_lock.holder is session:
             await device.unlock(session)
         device.device_lock.discard(session, NotFound(f"session {session.number} is closed"))

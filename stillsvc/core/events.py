@@ -305,7 +305,7 @@ class EventMonitor(Listener):
                 # this check and the driver call starting.
                 if not self._may_poll(device, locked=True):
                     continue
-                events: list[DeviceEvent] = await device._guarded(device.driver.poll_events)
+                events: list[DeviceEvent] = await device.run_driver(device.driver.poll_events)
             except StillError as e:
                 device.log.warning("event poll failed", error=e.message)
                 continue

@@ -21,6 +21,7 @@ from stillsvc.driver import Mode
 if TYPE_CHECKING:
     from stillsvc.core.devices import Device
     from stillsvc.core.items import AppItem
+    from stillsvc.core.jobs import Job
 
 
 @dataclass(eq=False)
@@ -85,8 +86,8 @@ class Session:
         self._fds: list[int] = []
         #: The session's own application items (root = the device), if the device has a tree.
         self.root_item: AppItem | None = None
-        #: Transfers running for this session (stillsvc.core.transfer.Transfer).
-        self.transfers: set[Any] = set()
+        #: Jobs running for this session (stillsvc.core.jobs.Job).
+        self.jobs: set[Job] = set()
 
     def __repr__(self) -> str:
         return f"<Session {self.number} {self.device_id} {self.mode.label} {self.client.name}>"

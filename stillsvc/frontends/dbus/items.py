@@ -18,7 +18,6 @@ from stillsvc.core.items import AppItem, describe_property
 from stillsvc.core.transfer import Transfer
 from stillsvc.frontends.dbus.bus import caller, method, take_fd
 from stillsvc.frontends.dbus.variants import check_options, from_variant, to_vardict
-from stillsvc.imaging import FORMATS
 
 if TYPE_CHECKING:
     from stillsvc.core.sessions import Session
@@ -109,18 +108,13 @@ class ItemInterface(ServiceInterface):
         check_options(options, set())
         if self.transfer is not None:
             raise InvalidArgument(f"a transfer from item {app.name} is already running")
-        fmt = format or app.values.get("format", "png")
-        if fmt not in FORMATS:
-            raise InvalidArgument(f"unknown format {quote(fmt)} (formats: {', '.join(FORMATS)})")
-        transfer = Transfer(self.session.device, self.session, app, fd, fmt, progress=self._progress)
+        transfer = Transfer(self.session.device, self.session, app, fd, format, progress=self._progress)
         take_fd(fd)  # accepted: the transfer owns it now and closes it when it ends
         self.transfer = transfer
-        self.session.transfers.add(transfer)
         try:
             summary = await transfer.run()
         finally:
             self.transfer = None
-            self.session.transfers.discard(transfer)
         return to_vardict(summary.as_dict())
 
     def _progress(self, page: int, percent: int, written: int) -> None:
