@@ -26,6 +26,13 @@ AGENT_IFACE = f"{IFACE_PREFIX}.Agent"
 ERROR_PREFIX = f"{IFACE_PREFIX}.Error"
 
 _UNSAFE = re.compile(r"[^A-Za-z0-9_]")
+#: What a device id may be (configuration files, registrations, discovery): 1-64
+#: letters, digits and ``_.:@+-``, starting with a letter or digit.
+DEVICE_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:@+-]{0,63}$")
+
+
+def valid_device_id(device_id: str) -> bool:
+    return bool(DEVICE_ID_RE.match(device_id))
 
 
 def sanitise_id(device_id: str) -> str:

@@ -32,6 +32,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from stillsvc.common.names import valid_device_id
 from stillsvc.driver import DeviceConfig
 
 DEFAULT_RUNTIME_DIR = "/run/stillsvc"
@@ -85,7 +86,6 @@ _LIMIT_KEYS: dict[str, tuple[type, int]] = {
 }
 _PATH_KEYS = ("runtime_dir", "state_dir")
 _DEVICE_KEYS: dict[str, type] = {"id": str, "driver": str, "port": str, "name": str, "options": dict}
-_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:@+-]{0,63}$")
 
 
 class _Locator:
@@ -182,7 +182,7 @@ def parse(data: dict[str, Any], name: str = "<config>", where: _Locator | None =
         for key in ("id", "driver"):
             if key not in entry:
                 raise ConfigError(name, line, f"[[device]] #{index + 1} has no '{key}'")
-        if not _ID_RE.match(entry["id"]):
+        if not valid_device_id(entry["id"]):
             raise ConfigError(name, where.key("id", line),
                               f"device id {entry['id']!r} must be 1-64 characters of letters, digits and _.:@+- "
                               "starting with a letter or digit")

@@ -43,6 +43,7 @@ from stillsvc.common.errors import (
     Timeout,
     quote,
 )
+from stillsvc.common.limits import MAX_IO_BYTES, MAX_WAIT_MS
 from stillsvc.common.names import sanitise_id
 from stillsvc.core.config import Config, DeviceConfig
 from stillsvc.core.items import (
@@ -51,6 +52,7 @@ from stillsvc.core.items import (
     build_app_tree,
     check_dependent,
     check_writes,
+    describe_property,
     synchronize_tree,
 )
 from stillsvc.core.lockfile import DeviceLockFile
@@ -412,23 +414,30 @@ class Device:
 
     async def write_item_properties(self, app: AppItem, writes: dict[str, Any]) -> list[str]:
         """Validate ``writes`` with the minidriver and store them in the application
-        item's own copy (no device I/O). Returns the names whose values changed."""
+        item's own copy (no device I/O, no device lock; the driver's checks run on
+        the worker thread like every driver call). Returns the names whose values
+        changed."""
         app.check_device_access()
         driver = self.driver
-        dependent = set(driver.valid_values(app.driver_item, app.values))
-        checked = check_writes(app, writes, dependent)
-        merged = {**app.values, **checked}
-        try:
-            result = driver.validate_properties(app.driver_item, merged, set(checked), dict(app.values))
-        except StillError:
-            raise
-        except Exception as e:
-            self.log.error("driver failed validating properties", exc_info=e)
-            raise Failed(f"the {driver.name} driver failed validating properties: {type(e).__name__}") from e
-        check_dependent(result, driver.valid_values(app.driver_item, result))
+        item, before = app.driver_item, dict(app.values)
+
+        def validate() -> dict[str, Any]:
+            checked = check_writes(app, writes, set(driver.valid_values(item, before)))
+            result = driver.validate_properties(item, {**before, **checked}, set(checked), dict(before))
+            check_dependent(result, driver.valid_values(item, result))
+            return result
+
+        result = await self.run_driver(validate)
         changed = [name for name in result if result[name] != app.values.get(name)]
         app.values = {name: result[name] for name in app.specs}
         return changed
+
+    async def property_attributes(self, app: AppItem) -> dict[str, dict[str, Any]]:
+        """Each property of ``app`` with its type, access and valid values now (some
+        depend on other values: the driver says, on the worker thread)."""
+        dynamic = await self.run_driver(self.driver.valid_values, app.driver_item, dict(app.values)) \
+            if app.connected else {}
+        return {name: describe_property(spec, dynamic.get(name, spec.valid)) for name, spec in app.specs.items()}
 
     async def synchronize(self, session: Session | None) -> tuple[list[DriverItem], list[DriverItem]]:
         """Rebuild the driver tree from the device; removed items follow the tree rules."""
@@ -455,6 +464,10 @@ class Device:
         return added, removed
 
     # -- device I/O for sessions ---------------------------------------------------
+    async def lock_for(self, session: Session, timeout_ms: int) -> None:
+        """A session's LockDevice: wait up to ``timeout_ms`` (at most MAX_WAIT_MS)."""
+        await self.lock(session, wait_seconds(timeout_ms, "timeout_ms"))
+
     async def get_status(self, session: Session) -> dict[str, Any]:
         return await self.io(session, self.driver.get_status, session.mode, why="status")
 
@@ -465,20 +478,25 @@ class Device:
         return await self.io(session, self.driver.diagnostic, why="diagnostic")
 
     async def escape(self, session: Session, code: int, data: bytes) -> bytes:
+        check_io_size(len(data), "escape data")
         return await self.io(session, self.driver.escape, code, data, session.mode, why="escape")
 
     async def read_data(self, session: Session, size: int) -> bytes:
         session.require_data("raw data I/O")
+        check_io_size(size, "size")
         return await self.io(session, self.driver.read_data, size, session.mode, why="raw read")
 
     async def write_data(self, session: Session, data: bytes) -> None:
         session.require_data("raw data I/O")
+        check_io_size(len(data), "data")
         await self.io(session, self.driver.write_data, data, session.mode, why="raw write")
 
     async def read_command(self, session: Session, size: int) -> bytes:
+        check_io_size(size, "size")
         return await self.io(session, self.driver.read_command, size, session.mode, why="raw command read")
 
     async def write_command(self, session: Session, data: bytes) -> None:
+        check_io_size(len(data), "data")
         await self.io(session, self.driver.write_command, data, session.mode, why="raw command write")
 
     # -- events -----------------------------------------------------------------
@@ -641,6 +659,12 @@ class DeviceManager:
         device.log.info("device added", driver=driver.name, name=info.name)
         self._notify("device_added", device)
         return device
+
+    def check_string(self, value: str, what: str) -> None:
+        """Refuse a client's string longer than ``service.max_string_length``."""
+        if len(value) > self.limits.max_string_length:
+            raise InvalidArgument(f"{what} is too long ({len(value)} characters, at most "
+                                  f"{self.limits.max_string_length})")
 
     def get(self, device_id: str) -> Device:
         device = self.devices.get(device_id)
@@ -874,6 +898,18 @@ class DeviceManager:
         self.unplugged.clear()
         for task in list(self._tasks):
             task.cancel()
+
+
+def wait_seconds(ms: int, what: str) -> float:
+    """A client's wait in milliseconds, checked against the one limit, in seconds."""
+    if not 0 <= ms <= MAX_WAIT_MS:
+        raise InvalidArgument(f"{what} must be between 0 and {MAX_WAIT_MS}")
+    return ms / 1000
+
+
+def check_io_size(size: int, what: str) -> None:
+    if size > MAX_IO_BYTES:
+        raise InvalidArgument(f"{what} is limited to {MAX_IO_BYTES} bytes")
 
 
 def _call_soon(loop: asyncio.AbstractEventLoop, fn: Callable[[], None]) -> None:

@@ -36,6 +36,7 @@ from typing import Any
 import structlog
 
 from stillsvc.common.errors import AccessDenied, Failed, InvalidArgument, LimitExceeded, NotFound, quote
+from stillsvc.common.names import valid_device_id
 from stillsvc.core.config import Limits
 
 log = structlog.get_logger(__name__)
@@ -52,7 +53,6 @@ SYSTEM_PREFIX = "system:"
 
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+-]{0,63}$")
 EVENT_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:+-]{0,63}$")
-DEVICE_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:@+-]{0,63}$")
 DEVICE_KINDS = ("id", "vendor", "model")
 MAX_ARGS = 256
 MAX_LIST = 64
@@ -184,13 +184,13 @@ def check_devices(devices: list[str]) -> tuple[str, ...]:
         if not sep or kind not in DEVICE_KINDS or not value or len(value) > MAX_MATCH_VALUE:
             raise InvalidArgument(f"device specification {quote(spec)} must be id:ID, vendor:VENDOR or "
                                   f"model:MODEL (values up to {MAX_MATCH_VALUE} characters)")
-        if kind == "id" and not DEVICE_ID_RE.match(value):
+        if kind == "id" and not valid_device_id(value):
             raise InvalidArgument(f"device id {quote(value)} is not valid")
     return tuple(dict.fromkeys(devices))
 
 
 def check_device_id(device_id: str) -> str:
-    if not DEVICE_ID_RE.match(device_id):
+    if not valid_device_id(device_id):
         raise InvalidArgument(f"device id {quote(device_id)} is not valid")
     return device_id
 

@@ -11,9 +11,10 @@ diagnostic, escape, raw data/command I/O and a source of device events.
 acquire image data in bands, and device commands such as ``synchronize``.
 
 Every method here is **blocking** and is called by the service in a worker
-thread, never on its event loop. The service serialises them: apart from
-:meth:`initialize` and :meth:`shutdown`, every call happens while the device lock
-is held, between :meth:`lock` and :meth:`unlock`.
+thread, never on its event loop, one at a time. Apart from :meth:`initialize`,
+:meth:`shutdown` and the property checks that touch no device
+(:meth:`valid_values`, :meth:`validate_properties`), every call happens while
+the device lock is held, between :meth:`lock` and :meth:`unlock`.
 
 Modes. A device is opened in *status* mode (many clients, long-lived) or *data*
 mode (one client, short) or both. Calls that belong to a session carry that
@@ -293,7 +294,8 @@ class Minidriver:
         """Check a client's new values for ``item`` (``values``: the full set with the
         writes applied; types and valid values are already checked) and return the
         full set with dependent properties updated (for example extents when the
-        resolution changed). Runs on the service's event loop: no device I/O."""
+        resolution changed). Like every driver call it runs on the device's worker
+        thread, but without the device lock: it must not touch the device."""
         return values
 
     def write_properties(self, item: DriverItem, values: dict[str, Any], mode: Mode) -> None:

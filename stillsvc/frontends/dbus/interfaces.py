@@ -13,6 +13,7 @@ from dbus_fast.service import ServiceInterface, dbus_property, signal
 
 from stillsvc import __version__
 from stillsvc.common.errors import InvalidArgument, NotFound
+from stillsvc.common.limits import MAX_WAIT_MS
 from stillsvc.common.names import (
     DEVICE_IFACE,
     MANAGER_IFACE,
@@ -30,13 +31,10 @@ if TYPE_CHECKING:
     from stillsvc.core.sessions import Session
     from stillsvc.frontends.dbus.service import Service
 
-MAX_WAIT_MS = 10 * 60 * 1000
-MAX_IO_BYTES = 16 * 1024 * 1024
 
 
-def check_string(service: Service, value: str, what: str):
-    if len(value) > service.manager.limits.max_string_length:
-        raise InvalidArgument(f"{what} is too long ({len(value)} characters)")
+def check_string(service: Service, value: str, what: str) -> None:
+    service.manager.check_string(value, what)
 
 
 class ManagerInterface(ServiceInterface):
@@ -281,9 +279,7 @@ class SessionInterface(ServiceInterface):
     @method()
     async def LockDevice(self, timeout_ms: "u"):
         session = self._mine()
-        if timeout_ms > MAX_WAIT_MS:
-            raise InvalidArgument(f"timeout_ms must be at most {MAX_WAIT_MS}")
-        await session.device.lock(session, timeout_ms / 1000)
+        await session.device.lock_for(session, timeout_ms)
         self.changed({"HoldsLock": True})
 
     @method()
@@ -312,36 +308,26 @@ class SessionInterface(ServiceInterface):
     @method()
     async def Escape(self, code: "u", data: "ay") -> "ay":
         session = self._mine()
-        if len(data) > MAX_IO_BYTES:
-            raise InvalidArgument(f"escape data is limited to {MAX_IO_BYTES} bytes")
         return await session.device.escape(session, code, bytes(data))
 
     @method()
     async def RawReadData(self, size: "u") -> "ay":
         session = self._mine()
-        if size > MAX_IO_BYTES:
-            raise InvalidArgument(f"size is limited to {MAX_IO_BYTES} bytes")
         return await session.device.read_data(session, size)
 
     @method()
     async def RawWriteData(self, data: "ay"):
         session = self._mine()
-        if len(data) > MAX_IO_BYTES:
-            raise InvalidArgument(f"data is limited to {MAX_IO_BYTES} bytes")
         await session.device.write_data(session, bytes(data))
 
     @method()
     async def RawReadCommand(self, size: "u") -> "ay":
         session = self._mine()
-        if size > MAX_IO_BYTES:
-            raise InvalidArgument(f"size is limited to {MAX_IO_BYTES} bytes")
         return await session.device.read_command(session, size)
 
     @method()
     async def RawWriteCommand(self, data: "ay"):
         session = self._mine()
-        if len(data) > MAX_IO_BYTES:
-            raise InvalidArgument(f"data is limited to {MAX_IO_BYTES} bytes")
         await session.device.write_command(session, bytes(data))
 
     @method()

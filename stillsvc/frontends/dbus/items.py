@@ -14,7 +14,7 @@ from dbus_fast.service import ServiceInterface, dbus_property, signal
 
 from stillsvc.common.errors import InvalidArgument, NotFound, quote
 from stillsvc.common.names import ITEM_IFACE, sanitise_id, session_path
-from stillsvc.core.items import AppItem, describe_property
+from stillsvc.core.items import AppItem
 from stillsvc.core.transfer import Transfer
 from stillsvc.frontends.dbus.bus import caller, method, take_fd
 from stillsvc.frontends.dbus.variants import check_options, from_variant, to_vardict
@@ -78,12 +78,10 @@ class ItemInterface(ServiceInterface):
         return {name: Variant(app.specs[name].signature, value) for name, value in app.values.items()}
 
     @method()
-    def GetPropertyAttributes(self) -> "a{sa{sv}}":
+    async def GetPropertyAttributes(self) -> "a{sa{sv}}":
         app = self._mine()
-        driver = self.session.device.driver
-        dynamic = driver.valid_values(app.driver_item, app.values) if app.connected else {}
-        return {name: to_vardict(describe_property(spec, dynamic.get(name, spec.valid)))
-                for name, spec in app.specs.items()}
+        attributes = await self.session.device.property_attributes(app)
+        return {name: to_vardict(described) for name, described in attributes.items()}
 
     @method()
     async def WriteProperties(self, values: "a{sv}"):
