@@ -1,11 +1,10 @@
-"""What every stillctl subcommand shares: the bus connection and its calls
-(:class:`Ctl`), the subcommand registry (:func:`command`), and output as tables or
-JSON."""
+"""What every stillctl subcommand shares: the connection (:class:`Ctl`, over
+:mod:`stillsvc.client`), the subcommand registry (:func:`command`), and output as
+tables or JSON."""
 
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
 import os
 import sys
@@ -14,54 +13,32 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
-from dbus_fast import BusType, Message, MessageType, Variant
-from dbus_fast.aio import MessageBus
-
-from stillsvc.common.names import (
-    BUS_NAME,
-    ERROR_PREFIX,
-    IFACE_PREFIX,
-    MANAGER_IFACE,
-    ROOT_PATH,
-)
+from stillsvc.client import Client, parse_bus
+from stillsvc.common.names import IFACE_PREFIX
 
 PROG = "stillctl"
-DBUS_NAME = "org.freedesktop.DBus"
-DBUS_PATH = "/org/freedesktop/DBus"
-PROPERTIES_IFACE = "org.freedesktop.DBus.Properties"
-OBJECT_MANAGER_IFACE = "org.freedesktop.DBus.ObjectManager"
 
-#: How long an ordinary call may take before stillctl gives up on the service.
-CALL_TIMEOUT = 30.0
 #: The longest wait the service accepts for data mode or the device lock (seconds).
 MAX_WAIT = 600.0
 #: After ``lock``'s command ends, how long to wait for the service to take the device back.
 TAKE_BACK_WAIT = 3.0
 
-#: D-Bus errors that mean nobody owns the service's name.
-_NOT_RUNNING_ERRORS = {
-    "org.freedesktop.DBus.Error.ServiceUnknown",
-    "org.freedesktop.DBus.Error.NameHasNoOwner",
-}
-
 
 class CtlError(Exception):
-    """An expected failure: printed as ``stillctl: <message>``, then exit ``code``."""
+    """An expected failure of stillctl's own: printed as ``stillctl: <message>``, then
+    exit ``code``. (The client library's errors are printed the same way, with
+    status 1.)"""
 
-    def __init__(self, message: str, code: int = 1, error_name: str | None = None) -> None:
+    def __init__(self, message: str, code: int = 1) -> None:
         super().__init__(message)
         self.message = message
         self.code = code
-        #: the D-Bus error name, when the failure is an error reply
-        self.error_name = error_name
 
 
 # -- values and output ------------------------------------------------------------
 
 def plain(value: Any) -> Any:
-    """D-Bus values (variants inside dicts and lists) as plain JSON-able Python values."""
-    if isinstance(value, Variant):
-        return plain(value.value)
+    """The client library's plain values as JSON-able ones (bytes and tuples as lists)."""
     if isinstance(value, dict):
         return {str(k): plain(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
@@ -134,118 +111,23 @@ def clock(timestamp: float | None = None) -> str:
 # -- the bus ------------------------------------------------------------------------
 
 def bus_argument(value: str) -> str:
-    """``--bus``: system, session or a D-Bus address (``transport:key=value,...``)."""
-    if value in ("system", "session"):
-        return value
-    if ":" in value and "=" in value:
-        return value
-    raise argparse.ArgumentTypeError(
-        f"{value!r} is not 'system', 'session' or a D-Bus address such as unix:path=/run/dbus/system_bus_socket")
+    """``--bus``: the client library's rule (system, session or a D-Bus address)."""
+    try:
+        return parse_bus(value)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 @dataclass
 class Ctl:
-    """What every subcommand works with: the connection, calls, output."""
+    """What every subcommand works with: the client and how to print."""
 
-    bus_spec: str
+    client: Client
     json: bool = False
-    bus: MessageBus | None = None
 
-    # -- connecting -------------------------------------------------------------
     @property
-    def not_running(self) -> str:
-        return f"the stillsvc service is not running on the {self.bus_spec} bus"
-
-    async def connect(self, *, need_service: bool = True) -> MessageBus:
-        try:
-            if self.bus_spec in ("system", "session"):
-                bus_type = BusType.SYSTEM if self.bus_spec == "system" else BusType.SESSION
-                bus = MessageBus(bus_type=bus_type, negotiate_unix_fd=True)
-            else:
-                bus = MessageBus(bus_address=self.bus_spec, negotiate_unix_fd=True)
-            self.bus = await asyncio.wait_for(bus.connect(), CALL_TIMEOUT)
-        except Exception as e:
-            reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e) or type(e).__name__
-            raise CtlError(f"{self.not_running} (cannot connect to the bus: {reason})") from None
-        if need_service and not await self.service_owner():
-            raise CtlError(self.not_running)
-        return self.bus
-
-    def disconnect(self) -> None:
-        if self.bus is not None and self.bus.connected:
-            self.bus.disconnect()
-
-    async def service_owner(self) -> str | None:
-        """The unique name of the service's connection, or None if it is not on the bus."""
-        try:
-            (owner,) = await self.dbus("GetNameOwner", "s", [BUS_NAME])
-        except CtlError:
-            return None
-        return owner
-
-    # -- calls ------------------------------------------------------------------------
-    async def call_message(self, path: str, interface: str, member: str, signature: str = "",
-                           body: list[Any] | None = None, *, destination: str = BUS_NAME,
-                           timeout: float | None = CALL_TIMEOUT) -> Message:
-        """A method call; an error reply becomes a :class:`CtlError` with a readable message."""
-        assert self.bus is not None
-        msg = Message(destination=destination, path=path, interface=interface, member=member,
-                      signature=signature, body=body or [])
-        try:
-            reply = await asyncio.wait_for(self.bus.call(msg), timeout)
-        except TimeoutError:
-            raise CtlError(f"the service did not answer {member} within {timeout:g} s") from None
-        except (EOFError, ConnectionError, OSError) as e:
-            raise CtlError(f"lost the connection to the {self.bus_spec} bus ({e or type(e).__name__})") from None
-        if reply is None:
-            raise CtlError(f"lost the connection to the {self.bus_spec} bus")
-        if reply.message_type is MessageType.ERROR:
-            for fd in reply.unix_fds:
-                os.close(fd)
-            name = reply.error_name or ""
-            text = self.error_text(name, reply.body[0] if reply.body else "")
-            if name == "org.freedesktop.DBus.Error.NoReply" and destination == BUS_NAME \
-                    and not await self.service_owner():
-                text = f"the stillsvc service stopped while handling {member}"
-            raise CtlError(text, error_name=name)
-        return reply
-
-    async def call(self, path: str, interface: str, member: str, signature: str = "",
-                   body: list[Any] | None = None, **kwargs: Any) -> list[Any]:
-        return (await self.call_message(path, interface, member, signature, body, **kwargs)).body
-
-    async def dbus(self, member: str, signature: str = "", body: list[Any] | None = None) -> list[Any]:
-        """A call to the bus itself (org.freedesktop.DBus)."""
-        return await self.call(DBUS_PATH, DBUS_NAME, member, signature, body, destination=DBUS_NAME)
-
-    def error_text(self, name: str, text: Any) -> str:
-        text = str(text or "").strip()
-        if name in _NOT_RUNNING_ERRORS:
-            return self.not_running
-        if name.startswith(ERROR_PREFIX + "."):
-            return text or name[len(ERROR_PREFIX) + 1:]
-        if name == "org.freedesktop.DBus.Error.AccessDenied":
-            return f"the bus refused the call: {text}" if text else "the bus refused the call"
-        if name == "org.freedesktop.DBus.Error.NoReply":
-            return "the service did not answer"
-        return f"{text} ({name})" if text else name
-
-    async def add_match(self, **rule: str) -> None:
-        await self.dbus("AddMatch", "s", [",".join(f"{k}='{v}'" for k, v in rule.items())])
-
-    # -- the service's objects -------------------------------------------------------------
-    async def managed_objects(self) -> dict[str, dict[str, dict[str, Any]]]:
-        """Every device object: path -> interface -> property -> plain value."""
-        (objects,) = await self.call(ROOT_PATH, OBJECT_MANAGER_IFACE, "GetManagedObjects")
-        return {path: {iface: plain(props) for iface, props in ifaces.items()} for path, ifaces in objects.items()}
-
-    async def find_device(self, device_id: str) -> str:
-        (path,) = await self.call(ROOT_PATH, MANAGER_IFACE, "FindDevice", "s", [device_id])
-        return path
-
-    async def get_property(self, path: str, interface: str, name: str) -> Any:
-        (value,) = await self.call(path, PROPERTIES_IFACE, "Get", "ss", [interface, name])
-        return plain(value)
+    def bus_spec(self) -> str:
+        return self.client.bus
 
 
 # -- subcommands -----------------------------------------------------------------------

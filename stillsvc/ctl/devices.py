@@ -12,30 +12,31 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from dbus_fast import Message, MessageType, Variant
-
-from stillsvc.common.names import (
-    BUS_NAME,
-    DEVICE_IFACE,
-    DEVICES_PATH,
-    ERROR_PREFIX,
-    MANAGER_IFACE,
-    ROOT_PATH,
-    SESSION_IFACE,
+from stillsvc.client import (
+    Busy,
+    Change,
+    Changes,
+    ClientError,
+    Device,
+    EventRouted,
+    InterfacesAdded,
+    InterfacesRemoved,
+    Manager,
+    PropertiesChanged,
+    ServiceStarted,
+    ServiceStopped,
+    Session,
+    StillError,
 )
+from stillsvc.common.names import BUS_NAME, DEVICE_IFACE
 from stillsvc.ctl.base import (
-    CALL_TIMEOUT,
-    DBUS_NAME,
     MAX_WAIT,
-    OBJECT_MANAGER_IFACE,
-    PROPERTIES_IFACE,
     TAKE_BACK_WAIT,
     Ctl,
     CtlError,
     arg,
     clock,
     command,
-    plain,
     print_fields,
     print_json,
     print_table,
@@ -52,10 +53,15 @@ def device_rows(objects: dict[str, dict[str, dict[str, Any]]]) -> list[dict[str,
     return sorted(rows, key=lambda d: str(d.get("Id", d["path"])))
 
 
+async def device_objects(manager: Manager) -> dict[str, dict[str, dict[str, Any]]]:
+    """Every device object: path -> interface -> property -> value."""
+    return {device.path: device.interfaces for device in await manager.devices()}
+
+
 @command("list", "list the devices",
          description="One line per device: its id, state, the client holding it in data mode, and its name.")
 async def cmd_list(ctl: Ctl, args: argparse.Namespace) -> int:
-    devices = device_rows(await ctl.managed_objects())
+    devices = device_rows(await device_objects(ctl.client.manager))
     if ctl.json:
         print_json(devices)
     elif not devices:
@@ -70,16 +76,13 @@ async def cmd_list(ctl: Ctl, args: argparse.Namespace) -> int:
          arg("device", metavar="DEVICE", help="device id, as shown by 'stillctl list' (e.g. sim0)"),
          description="Show the Device properties of DEVICE, and its Simulator properties if it is simulated.")
 async def cmd_info(ctl: Ctl, args: argparse.Namespace) -> int:
-    path = await ctl.find_device(args.device)
-    interfaces = (await ctl.managed_objects()).get(path, {})
-    if DEVICE_IFACE not in interfaces:
-        raise CtlError(f"no device {args.device!r}")
-    device = interfaces[DEVICE_IFACE]
-    others = {short_interface(name): props for name, props in interfaces.items() if name != DEVICE_IFACE}
+    info = await (await ctl.client.manager.find_device(args.device)).info()
+    device = info.as_dict()
+    others = {short_interface(name): props for name, props in info.interfaces.items() if name != DEVICE_IFACE}
     if ctl.json:
-        print_json({**device, "path": path, **others})
+        print_json({**device, "path": info.path, **others})
         return 0
-    print_fields(f"{device.get('Id', args.device)}  {path}", device)
+    print_fields(f"{device.get('Id', args.device)}  {info.path}", device)
     for name, props in others.items():
         print()
         print_fields(name, props)
@@ -89,15 +92,16 @@ async def cmd_info(ctl: Ctl, args: argparse.Namespace) -> int:
 # -- monitor ------------------------------------------------------------------------
 
 class Monitor:
-    """Turns the service's signals into one line each (text or JSON)."""
+    """Turns the service's changes into one line each (text or JSON)."""
 
     def __init__(self, ctl: Ctl) -> None:
         self.ctl = ctl
-        self.owner: str | None = None
         #: path -> interface -> properties, as last seen
         self.objects: dict[str, dict[str, dict[str, Any]]] = {}
         self.tasks: set[asyncio.Task[Any]] = set()
         self.stop = asyncio.Event()
+        #: counts the service's starts and stops: a snapshot taken across one is stale
+        self.generation = 0
 
     def device_id(self, path: str) -> str:
         device = self.objects.get(path, {}).get(DEVICE_IFACE, {})
@@ -124,32 +128,16 @@ class Monitor:
 
     def _task_done(self, task: asyncio.Task[Any]) -> None:
         self.tasks.discard(task)
-        if not task.cancelled() and isinstance(task.exception(), CtlError):
+        if not task.cancelled() and isinstance(task.exception(), (StillError, ClientError)):
             warn(task.exception().message)  # type: ignore[union-attr]
 
-    # -- what the service is and has -------------------------------------------------
-    async def start(self) -> None:
-        """Subscribe to everything, then take the first snapshot."""
-        ctl = self.ctl
-        assert ctl.bus is not None
-        ctl.bus.add_message_handler(self.handle)
-        await ctl.add_match(type="signal", sender=DBUS_NAME, interface=DBUS_NAME, member="NameOwnerChanged",
-                            arg0=BUS_NAME)
-        await ctl.add_match(type="signal", sender=BUS_NAME, path=ROOT_PATH, interface=OBJECT_MANAGER_IFACE)
-        await ctl.add_match(type="signal", sender=BUS_NAME, interface=PROPERTIES_IFACE,
-                            member="PropertiesChanged", path_namespace=DEVICES_PATH)
-        owner = await ctl.service_owner()
-        if owner is None:
-            raise CtlError(ctl.not_running)
-        await self.attach(owner, announce=False)
-
-    async def attach(self, owner: str, announce: bool) -> None:
-        """The service (re)appeared: ask for events and report what changed meanwhile."""
-        self.owner = owner
-        await self.ctl.call(ROOT_PATH, MANAGER_IFACE, "WatchEvents")
-        objects = await self.ctl.managed_objects()
-        if self.owner != owner:
-            return
+    # -- what the service has -------------------------------------------------------------
+    async def attach(self, announce: bool) -> None:
+        """The service (re)appeared: report what it has that we had not seen."""
+        generation = self.generation
+        objects = await device_objects(self.ctl.client.manager)
+        if generation != self.generation:
+            return  # it stopped or restarted meanwhile: the next attach reports
         if announce:
             for path, ifaces in objects.items():
                 if DEVICE_IFACE in ifaces and DEVICE_IFACE not in self.objects.get(path, {}):
@@ -158,63 +146,52 @@ class Monitor:
         self.objects = objects
 
     def detach(self) -> None:
-        self.owner = None
         self.emit("service-stopped", None, "service stopped")
         for path, ifaces in list(self.objects.items()):
             if DEVICE_IFACE in ifaces:
                 self.emit("removed", path, "removed")
         self.objects = {}
 
-    # -- signals ----------------------------------------------------------------------
-    def handle(self, msg: Message) -> None:
-        if msg.message_type is not MessageType.SIGNAL:
-            return
-        try:
-            if msg.sender == DBUS_NAME:
-                if msg.member == "NameOwnerChanged" and msg.body[0] == BUS_NAME:
-                    self.owner_changed(msg.body[2])
-                return
-            if self.owner is None or msg.sender != self.owner:
-                return
-            if msg.interface == MANAGER_IFACE and msg.member == "EventRouted":
-                self.event_routed(*msg.body)
-            elif msg.interface == OBJECT_MANAGER_IFACE and msg.member == "InterfacesAdded":
-                self.interfaces_added(*msg.body)
-            elif msg.interface == OBJECT_MANAGER_IFACE and msg.member == "InterfacesRemoved":
-                self.interfaces_removed(*msg.body)
-            elif (msg.interface == PROPERTIES_IFACE and msg.member == "PropertiesChanged"
-                  and (msg.path or "").startswith(DEVICES_PATH + "/")):
-                self.properties_changed(msg.path, *msg.body)
-        except (TypeError, ValueError, IndexError):
-            return  # not the shape the service sends: not ours
+    async def follow(self, changes: Changes) -> None:
+        """Print every change until the connection ends (ConnectionLost)."""
+        async for change in changes:
+            self.show(change)
 
-    def owner_changed(self, new_owner: str) -> None:
-        if self.owner is not None and new_owner != self.owner:
+    def show(self, change: Change) -> None:
+        if isinstance(change, (ServiceStopped, ServiceStarted)):
+            self.generation += 1
+        if isinstance(change, ServiceStopped):
             self.detach()
-        if new_owner and new_owner != self.owner:
+        elif isinstance(change, ServiceStarted):
             self.emit("service-started", None, "service started")
-            self.spawn(self.attach(new_owner, announce=True))
+            self.spawn(self.attach(announce=True))
+        elif isinstance(change, EventRouted):
+            self.event_routed(change)
+        elif isinstance(change, InterfacesAdded):
+            self.interfaces_added(change.path, change.interfaces)
+        elif isinstance(change, InterfacesRemoved):
+            self.interfaces_removed(change.path, change.interfaces)
+        elif isinstance(change, PropertiesChanged):
+            self.properties_changed(change.path, change.interface, change.changed)
 
-    def event_routed(self, path: str, event: str, sequence: int, timestamp_us: int, consumer: str,
-                     data: dict[str, Variant]) -> None:
-        values = plain(data)
-        details = "".join(f" {show_assignment(k, v)}" for k, v in values.items())
-        self.emit("event", path, f"event {event} #{sequence}{details} -> {consumer}", timestamp_us / 1_000_000,
-                  event=event, sequence=sequence, consumer=consumer, data=values)
+    def event_routed(self, e: EventRouted) -> None:
+        details = "".join(f" {show_assignment(k, v)}" for k, v in e.data.items())
+        self.emit("event", e.device, f"event {e.event} #{e.sequence}{details} -> {e.consumer}", e.time,
+                  event=e.event, sequence=e.sequence, consumer=e.consumer, data=e.data)
 
     def added(self, path: str, properties: dict[str, Any]) -> None:
         name = properties.get("Name") or "-"
         state = properties.get("State") or "-"
         self.emit("added", path, f"added: {name} ({state})", properties=properties)
 
-    def interfaces_added(self, path: str, interfaces: dict[str, dict[str, Variant]]) -> None:
+    def interfaces_added(self, path: str, interfaces: dict[str, dict[str, Any]]) -> None:
         known = self.objects.setdefault(path, {})
         for iface, props in interfaces.items():
-            known[iface] = plain(props)
+            known[iface] = dict(props)
         if DEVICE_IFACE in interfaces:
             self.added(path, known[DEVICE_IFACE])
 
-    def interfaces_removed(self, path: str, interfaces: list[str]) -> None:
+    def interfaces_removed(self, path: str, interfaces: tuple[str, ...]) -> None:
         if DEVICE_IFACE in interfaces:
             self.emit("removed", path, "removed")
         known = self.objects.get(path, {})
@@ -223,10 +200,9 @@ class Monitor:
         if not known:
             self.objects.pop(path, None)
 
-    def properties_changed(self, path: str, interface: str, changed: dict[str, Variant],
-                           invalidated: list[str]) -> None:
+    def properties_changed(self, path: str, interface: str, changed: dict[str, Any]) -> None:
         known = self.objects.setdefault(path, {}).setdefault(interface, {})
-        new = {k: plain(v) for k, v in changed.items() if k not in known or known[k] != plain(v)}
+        new = {k: v for k, v in changed.items() if k not in known or known[k] != v}
         known.update(new)
         if not new:
             return
@@ -239,21 +215,23 @@ class Monitor:
          description="Print devices being added and removed, property changes, and every event with the "
                      "consumer it was routed to, until interrupted (Ctrl-C).")
 async def cmd_monitor(ctl: Ctl, args: argparse.Namespace) -> int:
-    assert ctl.bus is not None
     loop = asyncio.get_running_loop()
     monitor = Monitor(ctl)
     stop = monitor.stop
     for signum in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(signum, stop.set)
-    await monitor.start()
-    print(f"Monitoring {BUS_NAME} on the {ctl.bus_spec} bus (Ctrl-C to stop)", file=sys.stderr, flush=True)
-    stopped = asyncio.ensure_future(stop.wait())
-    lost = asyncio.ensure_future(ctl.bus.wait_for_disconnect())
-    await asyncio.wait({stopped, lost}, return_when=asyncio.FIRST_COMPLETED)
-    for task in (stopped, lost, *monitor.tasks):
-        task.cancel()
-    if lost.done() and not stopped.done():
-        raise CtlError(f"lost the connection to the {ctl.bus_spec} bus")
+    async with ctl.client.manager.changes(events=True) as changes:
+        await monitor.attach(announce=False)
+        print(f"Monitoring {BUS_NAME} on the {ctl.bus_spec} bus (Ctrl-C to stop)", file=sys.stderr, flush=True)
+        stopped = asyncio.ensure_future(stop.wait())
+        following = asyncio.ensure_future(monitor.follow(changes))
+        await asyncio.wait({stopped, following}, return_when=asyncio.FIRST_COMPLETED)
+        for task in (stopped, following, *monitor.tasks):
+            task.cancel()
+        if following.done() and not following.cancelled():
+            error = following.exception()
+            if error is not None and not stop.is_set():
+                raise error  # ConnectionLost: "lost the connection to the ... bus"
     return 0
 
 
@@ -358,7 +336,7 @@ def timeout_argument(value: str) -> float:
     return seconds
 
 
-async def open_both(ctl: Ctl, device_id: str, path: str, timeout: float, deadline: float) -> str:
+async def open_both(ctl: Ctl, device: Device, timeout: float, deadline: float) -> Session:
     """A session in mode ``both``, waiting in line for data mode until ``deadline``.
 
     While another program has the device (another ``stillctl lock``, say) the service
@@ -366,27 +344,44 @@ async def open_both(ctl: Ctl, device_id: str, path: str, timeout: float, deadlin
     then get in line again.
     """
     loop = asyncio.get_running_loop()
-    watch: StateWatch | None = None
-    while True:
-        remaining = max(0.0, deadline - loop.time())
-        try:
-            (session,) = await ctl.call(ROOT_PATH, MANAGER_IFACE, "CreateDevice", "ssa{sv}",
-                                        [device_id, "both", {"wait_ms": Variant("u", round(remaining * 1000))}],
-                                        timeout=remaining + CALL_TIMEOUT)
-            return session
-        except CtlError as e:
-            if e.error_name != f"{ERROR_PREFIX}.Busy" or remaining <= 0:
-                raise
+    watch: Changes | None = None
+    try:
+        while True:
+            remaining = max(0.0, deadline - loop.time())
+            try:
+                return await ctl.client.manager.open_session(device.id, "both", wait=remaining)
+            except Busy:
+                if remaining <= 0:
+                    raise
             if watch is None:
-                watch = StateWatch(ctl, path)
+                watch = device.changes()
                 await watch.start()
-            watch.back.clear()
-            if await ctl.get_property(path, DEVICE_IFACE, "State") != "held-by-program":
+            if (await device.info()).state != "held-by-program":
                 continue
-            warn(f"{device_id} is held by another program; waiting up to {round(remaining, 1):g} s")
-            if not await watch.wait(remaining):
-                raise CtlError(f"gave up waiting for {device_id} after {timeout:g} s: "
+            warn(f"{device.id} is held by another program; waiting up to {round(remaining, 1):g} s")
+            if not await taken_back(watch, remaining):
+                raise CtlError(f"gave up waiting for {device.id} after {timeout:g} s: "
                                "it is still held by another program") from None
+    finally:
+        if watch is not None:
+            await watch.close()
+
+
+async def taken_back(changes: Changes, timeout: float) -> bool:
+    """Wait for the device's State to leave ``held-by-program`` (or the device or the
+    service to go, which ends the wait as well); False if ``timeout`` runs out first."""
+    deadline = asyncio.get_running_loop().time() + timeout
+    while True:
+        try:
+            change = await changes.next(max(0.0, deadline - asyncio.get_running_loop().time()))
+        except TimeoutError:
+            return False
+        if isinstance(change, PropertiesChanged) and change.interface == DEVICE_IFACE:
+            state = change.changed.get("State")
+            if state is not None and state != "held-by-program":
+                return True
+        elif isinstance(change, (InterfacesRemoved, ServiceStopped)):
+            return True
 
 
 @command("lock", "run a command with a device to itself, in the manner of flock(1)",
@@ -407,28 +402,15 @@ async def cmd_lock(ctl: Ctl, args: argparse.Namespace) -> int:
     argv = args.command
     loop = asyncio.get_running_loop()
     deadline = loop.time() + args.timeout
-    # Waiting in line can take as long as --timeout; the service answers Timeout then.
-    patience = args.timeout + CALL_TIMEOUT
 
-    device_id = args.device
-    path = await ctl.find_device(device_id)
-    session = await open_both(ctl, device_id, path, args.timeout, deadline)
+    device = await ctl.client.manager.find_device(args.device)
+    session = await open_both(ctl, device, args.timeout, deadline)
     fd = -1
     try:
-        remaining_ms = max(0, round((deadline - loop.time()) * 1000))
-        await ctl.call(session, SESSION_IFACE, "LockDevice", "u", [remaining_ms], timeout=patience)
-        reply = await ctl.call_message(session, SESSION_IFACE, "HandOver")
-        if not reply.unix_fds or not reply.body or reply.body[0] >= len(reply.unix_fds):
-            for extra in reply.unix_fds:
-                os.close(extra)
-            raise CtlError(f"the service did not pass the lock of {device_id} "
-                           "(the bus may not support passing file descriptors)")
-        fd = reply.unix_fds[reply.body[0]]
-        for extra in reply.unix_fds:
-            if extra != fd:
-                os.close(extra)
+        await session.lock(max(0.0, deadline - loop.time()))
+        fd = await session.hand_over()
         os.set_inheritable(fd, True)
-        env = {**os.environ, "STILLSVC_LOCK_FD": str(fd), "STILLSVC_DEVICE": device_id}
+        env = {**os.environ, "STILLSVC_LOCK_FD": str(fd), "STILLSVC_DEVICE": device.id}
         supervisor = Supervisor(argv, env)
         try:
             finished = supervisor.start(loop)
@@ -443,56 +425,33 @@ async def cmd_lock(ctl: Ctl, args: argparse.Namespace) -> int:
             for signum in FORWARDED:
                 loop.remove_signal_handler(signum)
     finally:
-        changes = StateWatch(ctl, path)
+        changes = device.changes()
         if fd >= 0:
-            await changes.start()
+            try:
+                await changes.start()  # before the lock goes, so that its return is not missed
+            except (StillError, ClientError):
+                changes = None  # the service is gone: nothing to wait for
             os.close(fd)
         try:
-            await ctl.call(session, SESSION_IFACE, "Close")
-        except CtlError:
+            await session.close()
+        except (StillError, ClientError):
             pass  # the session goes with the connection anyway
-    if fd >= 0 and not await changes.wait_back(TAKE_BACK_WAIT):
-        warn(f"note: the lock of {device_id} is still open in another process; "
-             "the service takes the device back when it is closed")
+    if fd >= 0 and changes is not None:
+        try:
+            if not await device_back(device, changes):
+                warn(f"note: the lock of {device.id} is still open in another process; "
+                     "the service takes the device back when it is closed")
+        finally:
+            await changes.close()
     return status
 
 
-class StateWatch:
-    """Waits for a device's State to leave ``held-by-program`` (the service took it back)."""
-
-    def __init__(self, ctl: Ctl, path: str) -> None:
-        self.ctl = ctl
-        self.path = path
-        self.back = asyncio.Event()
-
-    def _handle(self, msg: Message) -> None:
-        if (msg.message_type is MessageType.SIGNAL and msg.path == self.path and msg.member == "PropertiesChanged"
-                and msg.body and msg.body[0] == DEVICE_IFACE):
-            state = msg.body[1].get("State")
-            if state is not None and state.value != "held-by-program":
-                self.back.set()
-
-    async def start(self) -> None:
-        assert self.ctl.bus is not None
-        self.ctl.bus.add_message_handler(self._handle)
-        try:
-            await self.ctl.add_match(type="signal", sender=BUS_NAME, path=self.path, interface=PROPERTIES_IFACE,
-                                     member="PropertiesChanged")
-        except CtlError:
-            pass
-
-    async def wait_back(self, timeout: float) -> bool:
-        try:
-            state = await self.ctl.get_property(self.path, DEVICE_IFACE, "State")
-        except CtlError:
-            return True  # the device is gone: nothing to wait for
-        if state != "held-by-program":
-            return True
-        return await self.wait(timeout)
-
-    async def wait(self, timeout: float) -> bool:
-        try:
-            await asyncio.wait_for(self.back.wait(), timeout)
-        except TimeoutError:
-            return False
+async def device_back(device: Device, changes: Changes) -> bool:
+    """Whether the service has the device back, waiting up to TAKE_BACK_WAIT for it."""
+    try:
+        state = (await device.info()).state
+    except (StillError, ClientError):
+        return True  # the device is gone: nothing to wait for
+    if state != "held-by-program":
         return True
+    return await taken_back(changes, TAKE_BACK_WAIT)

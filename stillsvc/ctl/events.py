@@ -16,21 +16,29 @@ import sys
 import time
 from typing import Any
 
-from dbus_fast import DBusError, Message, MessageType, Variant
-from dbus_fast.service import ServiceInterface, method
-
-from stillsvc.common.names import (
-    AGENT_IFACE,
-    AGENTS_PATH,
-    BUS_NAME,
-    ERROR_PREFIX,
-    MANAGER_IFACE,
-    ROOT_PATH,
-    SESSION_IFACE,
+from stillsvc.client import (
+    ChooseRequest,
+    ClientError,
+    Failed,
+    LaunchRequest,
+    NotSupported,
+    ServiceStarted,
+    ServiceStopped,
+    Session,
+    StillError,
 )
-from stillsvc.ctl.base import Ctl, CtlError, arg, clock, command, plain, print_json, print_table, show
+from stillsvc.common.names import AGENTS_PATH, BUS_NAME
+from stillsvc.ctl.base import (
+    Ctl,
+    CtlError,
+    arg,
+    clock,
+    command,
+    print_json,
+    print_table,
+    show,
+)
 
-DBUS_NAME = "org.freedesktop.DBus"
 #: Where ``stillctl agent`` exports its agent object on its own connection.
 AGENT_PATH = f"{AGENTS_PATH}/stillctl"
 #: How long a --chooser command may take to answer (the service waits 120 s for Choose).
@@ -112,9 +120,8 @@ def _check_register(args: argparse.Namespace) -> str | None:
          epilog="Example: stillctl register scan-to-pdf --events scan-button --devices id:sim0 -- "
                 "/usr/local/bin/scan-to-pdf --device %d --event %e")
 async def cmd_register(ctl: Ctl, args: argparse.Namespace) -> int:
-    options = {"system": Variant("b", True)} if args.system else {}
-    await ctl.call(ROOT_PATH, MANAGER_IFACE, "RegisterLaunchApplication", "sasasasa{sv}",
-                   [args.name, args.command, _split(args.events), _split(args.devices), options])
+    await ctl.client.manager.register_application(args.name, args.command, events=_split(args.events),
+                                                  devices=_split(args.devices), system=args.system)
     return 0
 
 
@@ -125,12 +132,7 @@ async def cmd_register(ctl: Ctl, args: argparse.Namespace) -> int:
          description="Remove the registration NAME (yours, or with --system the system-wide one) and the "
                      "defaults that name it.")
 async def cmd_unregister(ctl: Ctl, args: argparse.Namespace) -> int:
-    options: dict[str, Variant] = {}
-    if args.system:
-        options["system"] = Variant("b", True)
-    if args.uid is not None:
-        options["uid"] = Variant("u", args.uid)
-    await ctl.call(ROOT_PATH, MANAGER_IFACE, "UnregisterLaunchApplication", "sa{sv}", [args.name, options])
+    await ctl.client.manager.unregister_application(args.name, system=args.system, uid=args.uid)
     return 0
 
 
@@ -139,8 +141,7 @@ async def cmd_unregister(ctl: Ctl, args: argparse.Namespace) -> int:
                      "see everyone's), oldest first: its id, the events and devices it wants, the "
                      "(device, event) pairs it is the default for, and its command.")
 async def cmd_apps(ctl: Ctl, args: argparse.Namespace) -> int:
-    (apps,) = await ctl.call(ROOT_PATH, MANAGER_IFACE, "ListLaunchApplications")
-    apps = [plain(a) for a in apps]
+    apps = [a.as_dict() for a in await ctl.client.manager.applications()]
     if ctl.json:
         print_json(apps)
     elif not apps:
@@ -164,8 +165,8 @@ async def cmd_apps(ctl: Ctl, args: argparse.Namespace) -> int:
 async def cmd_default(ctl: Ctl, args: argparse.Namespace) -> int:
     if bool(args.application) == bool(args.clear):
         raise CtlError("give either APPLICATION or --clear", code=2)
-    await ctl.call(ROOT_PATH, MANAGER_IFACE, "SetDefaultApplication", "sss",
-                   [args.device, args.event, "" if args.clear else args.application])
+    await ctl.client.manager.set_default_application(args.device, args.event,
+                                                     None if args.clear else args.application)
     return 0
 
 
@@ -179,93 +180,59 @@ async def cmd_default(ctl: Ctl, args: argparse.Namespace) -> int:
                      "until interrupted (Ctrl-C). While this runs the device's events come here and no "
                      "registered application is started for them.")
 async def cmd_events(ctl: Ctl, args: argparse.Namespace) -> int:
-    assert ctl.bus is not None
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     for signum in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(signum, stop.set)
-    wait_ms = max(0, min(600_000, round(args.wait * 1000)))
-    (session,) = await ctl.call(ROOT_PATH, MANAGER_IFACE, "CreateDevice", "ssa{sv}",
-                                [args.device, "data", {"wait_ms": Variant("u", wait_ms)}],
-                                timeout=wait_ms / 1000 + 30)
-    queued = asyncio.Event()
-    owner = await ctl.service_owner()
-
-    def handle(msg: Message) -> None:
-        if (msg.message_type is MessageType.SIGNAL and msg.sender == owner and msg.path == session
-                and msg.interface == SESSION_IFACE and msg.member == "EventQueued"):
-            queued.set()
-
-    ctl.bus.add_message_handler(handle)
-    await ctl.add_match(type="signal", sender=BUS_NAME, path=session, interface=SESSION_IFACE,
-                        member="EventQueued")
-    await ctl.call(session, SESSION_IFACE, "Subscribe")
-    print(f"Holding {args.device} in data mode; its events are queued here (Ctrl-C to stop)",
-          file=sys.stderr, flush=True)
-    dropped = 0
-    stopped = asyncio.ensure_future(stop.wait())
-    lost = asyncio.ensure_future(ctl.bus.wait_for_disconnect())
-    try:
-        queued.set()  # read anything queued before the subscription
-        while not stop.is_set():
-            got = asyncio.ensure_future(queued.wait())
-            await asyncio.wait({got, stopped, lost}, return_when=asyncio.FIRST_COMPLETED)
-            got.cancel()
-            if lost.done():
-                raise CtlError(f"lost the connection to the {ctl.bus_spec} bus")
-            if stop.is_set():
-                break
-            queued.clear()
-            while True:
-                try:
-                    (event,) = await ctl.call(session, SESSION_IFACE, "GetLastNotificationData")
-                except CtlError as e:
-                    if e.error_name == f"{ERROR_PREFIX}.Empty":
-                        break
-                    raise
-                event = plain(event)
-                if event["dropped"] > dropped:
-                    _out(ctl, "dropped", f"{args.device} ({event['dropped'] - dropped} events dropped: queue full)",
-                         device=args.device, dropped=event["dropped"] - dropped)
-                    dropped = event["dropped"]
-                details = "".join(f" {k}={show(v)}" for k, v in event["data"].items())
-                text = f"{event['device']} {event['event']} #{event['sequence']}{details}"
-                if ctl.json:
-                    print_json({"time": event["timestamp_us"] / 1_000_000, "type": "event", **event}, lines=True)
-                else:
-                    print(f"{clock(event['timestamp_us'] / 1_000_000)} {text}", flush=True)
-    finally:
-        for task in (stopped, lost):
+    wait = max(0.0, min(600.0, args.wait))
+    session = await ctl.client.manager.open_session(args.device, "data", wait=wait)
+    async with session:
+        await session.subscribe()
+        print(f"Holding {args.device} in data mode; its events are queued here (Ctrl-C to stop)",
+              file=sys.stderr, flush=True)
+        stopped = asyncio.ensure_future(stop.wait())
+        printing = asyncio.ensure_future(print_events(ctl, session, args.device))
+        await asyncio.wait({stopped, printing}, return_when=asyncio.FIRST_COMPLETED)
+        for task in (stopped, printing):
             task.cancel()
-        if ctl.bus.connected:
-            try:
-                await ctl.call(session, SESSION_IFACE, "Close")
-            except CtlError:
-                pass
+        if printing.done() and not printing.cancelled() and printing.exception() is not None:
+            raise printing.exception()  # ConnectionLost, or the session's end
     return 0
+
+
+async def print_events(ctl: Ctl, session: Session, device_id: str) -> None:
+    """One line per queued event (and one for each run of events the full queue dropped)."""
+    dropped = 0
+    async for event in session.events():
+        if event.dropped > dropped:
+            _out(ctl, "dropped", f"{device_id} ({event.dropped - dropped} events dropped: queue full)",
+                 device=device_id, dropped=event.dropped - dropped)
+            dropped = event.dropped
+        details = "".join(f" {k}={show(v)}" for k, v in event.data.items())
+        text = f"{event.device} {event.event} #{event.sequence}{details}"
+        if ctl.json:
+            print_json({"time": event.time, "type": "event", **event.as_dict()}, lines=True)
+        else:
+            print(f"{clock(event.time)} {text}", flush=True)
 
 
 # -- agent ----------------------------------------------------------------------------------
 
-def _failed(text: str) -> DBusError:
-    return DBusError(f"{ERROR_PREFIX}.Failed", text)
-
-
-class AgentObject(ServiceInterface):
-    """The org.stillsvc.StillImage1.Agent object of ``stillctl agent``."""
+class Launcher:
+    """What ``stillctl agent`` does when the service calls it: start the application
+    (Launch), or ask the --chooser command which one (Choose)."""
 
     def __init__(self, ctl: Ctl, chooser: list[str] | None) -> None:
-        super().__init__(AGENT_IFACE)
         self.ctl = ctl
         self.chooser = chooser
         self.children: set[asyncio.Task[Any]] = set()
 
-    @method()
-    async def Launch(self, application: "s", argv: "as", environment: "a{ss}", device_id: "s",
-                     event: "s", sequence: "t") -> "u":
+    async def launch(self, request: LaunchRequest) -> int:
+        application, argv, device_id, event, sequence = (request.application, list(request.argv),
+                                                          request.device_id, request.event, request.sequence)
         if not argv:
-            raise _failed("empty command")
-        env = {**os.environ, **environment}
+            raise Failed("empty command")
+        env = {**os.environ, **request.environment}
         try:
             proc = await asyncio.create_subprocess_exec(
                 *argv, env=env, stdin=asyncio.subprocess.DEVNULL, stdout=sys.stderr.fileno(),
@@ -274,11 +241,10 @@ class AgentObject(ServiceInterface):
             _out(self.ctl, "failed", f"could not start {application} for {device_id} {event} #{sequence}: "
                  f"{e.strerror or e}", application=application, argv=argv, device=device_id, event=event,
                  sequence=sequence, error=e.strerror or str(e))
-            raise _failed(f"cannot run {argv[0]!r}: {e.strerror or e}") from None
+            raise Failed(f"cannot run {argv[0]!r}: {e.strerror or e}") from None
         _out(self.ctl, "launched", f"launched {application} (pid {proc.pid}) for {device_id} {event} #{sequence}: "
              f"{command_line(argv)}", application=application, pid=proc.pid, argv=argv, device=device_id,
-             event=event, sequence=sequence,
-             environment={k: v for k, v in environment.items()})
+             event=event, sequence=sequence, environment=dict(request.environment))
         task = asyncio.ensure_future(self._reap(application, proc))
         self.children.add(task)
         task.add_done_callback(self.children.discard)
@@ -289,14 +255,12 @@ class AgentObject(ServiceInterface):
         _out(self.ctl, "exited", f"{application} (pid {proc.pid}) exited with status {status}",
              application=application, pid=proc.pid, status=status)
 
-    @method()
-    async def Choose(self, device_id: "s", event: "s", sequence: "t",
-                     candidates: "aa{sv}") -> "s":
+    async def choose(self, request: ChooseRequest) -> str:
+        device_id, event, sequence = request.device_id, request.event, request.sequence
         if not self.chooser:
-            raise DBusError(f"{ERROR_PREFIX}.NotSupported",
-                            "this agent cannot ask its user (start it with --chooser COMMAND)")
-        offered = [plain(c) for c in candidates]
-        lines = "".join(f"{c['id']}\t{c['name']}\t{command_line(c['command'])}\n" for c in offered)
+            raise NotSupported("this agent cannot ask its user (start it with --chooser COMMAND)")
+        offered = request.candidates
+        lines = "".join(f"{c.id}\t{c.name}\t{command_line(list(c.command))}\n" for c in offered)
         env = {**os.environ, "STILLSVC_DEVICE": device_id, "STILLSVC_EVENT": event,
                "STILLSVC_EVENT_SEQUENCE": str(sequence)}
         try:
@@ -304,18 +268,18 @@ class AgentObject(ServiceInterface):
                 *self.chooser, env=env, stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
                 stderr=sys.stderr.fileno(), start_new_session=True)
         except OSError as e:
-            raise _failed(f"cannot run the chooser {self.chooser[0]!r}: {e.strerror or e}") from None
+            raise Failed(f"cannot run the chooser {self.chooser[0]!r}: {e.strerror or e}") from None
         try:
             out, _ = await asyncio.wait_for(proc.communicate(lines.encode()), CHOOSER_TIMEOUT)
         except TimeoutError:
             proc.kill()
             await proc.wait()
-            raise _failed("the chooser did not answer in time") from None
+            raise Failed("the chooser did not answer in time") from None
         answer = out.decode(errors="replace").strip().splitlines()[:1]
         choice = answer[0].split("\t")[0].strip() if answer and proc.returncode == 0 else ""
-        ids = [c["id"] for c in offered]
+        ids = [c.id for c in offered]
         if choice and choice not in ids:
-            raise _failed(f"the chooser answered {choice[:80]!r}, which is not one of {', '.join(ids)}")
+            raise Failed(f"the chooser answered {choice[:80]!r}, which is not one of {', '.join(ids)}")
         _out(self.ctl, "chosen", f"chose {choice or 'nothing'} for {device_id} {event} #{sequence}",
              device=device_id, event=event, sequence=sequence, choice=choice, candidates=ids)
         return choice
@@ -344,66 +308,43 @@ def _check_agent(args: argparse.Namespace) -> str | None:
                      "service stillsvc-agent. Only calls from the service are answered. When the service "
                      "restarts, the agent registers again.")
 async def cmd_agent(ctl: Ctl, args: argparse.Namespace) -> int:
-    bus = ctl.bus
-    assert bus is not None
+    client = ctl.client
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     for signum in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(signum, stop.set)
-    agent = AgentObject(ctl, args.chooser)
-    state: dict[str, Any] = {"owner": None}
-    registering: set[asyncio.Task[Any]] = set()
+    launcher = Launcher(ctl, args.chooser)
+    agent = client.export_agent(launcher.launch, launcher.choose, path=AGENT_PATH)
 
-    def only_the_service(msg: Message) -> Message | None:
-        if msg.message_type is MessageType.METHOD_CALL and msg.path == AGENT_PATH \
-                and msg.interface == AGENT_IFACE and msg.sender != state["owner"]:
-            return Message.new_error(msg, f"{ERROR_PREFIX}.AccessDenied", "this agent answers only the service")
-        return None
-
-    async def register(owner: str) -> None:
-        state["owner"] = owner
+    async def register() -> None:
         try:
-            await ctl.call(ROOT_PATH, MANAGER_IFACE, "RegisterAgent", "o", [AGENT_PATH])
-        except CtlError as e:
-            state["error"] = f"could not register the agent: {e.message}"
-            stop.set()
-            return
+            await agent.register()
+        except (StillError, ClientError) as e:
+            raise CtlError(f"could not register the agent: {e.message}") from None
         print(f"Agent registered with {BUS_NAME} on the {ctl.bus_spec} bus (Ctrl-C to stop)",
               file=sys.stderr, flush=True)
 
-    def owner_changed(msg: Message) -> None:
-        if (msg.message_type is MessageType.SIGNAL and msg.sender == DBUS_NAME
-                and msg.member == "NameOwnerChanged" and msg.body[0] == BUS_NAME):
-            new = msg.body[2]
-            if state["owner"] and new != state["owner"]:
-                state["owner"] = None
+    async def follow() -> None:
+        """Register again whenever the service comes back (it forgets its agents)."""
+        async for change in changes:
+            if isinstance(change, ServiceStopped):
                 print("The service stopped; waiting for it to come back", file=sys.stderr, flush=True)
-            if new:
-                task = asyncio.ensure_future(register(new))
-                registering.add(task)
-                task.add_done_callback(registering.discard)
+            elif isinstance(change, ServiceStarted):
+                await register()
 
-    bus.add_message_handler(only_the_service)
-    bus.add_message_handler(owner_changed)
-    bus.export(AGENT_PATH, agent)
-    await ctl.add_match(type="signal", sender=DBUS_NAME, interface=DBUS_NAME, member="NameOwnerChanged",
-                        arg0=BUS_NAME)
-    owner = await ctl.service_owner()
-    if owner is None:
-        raise CtlError(ctl.not_running)
-    await register(owner)
-    stopped = asyncio.ensure_future(stop.wait())
-    lost = asyncio.ensure_future(bus.wait_for_disconnect())
-    await asyncio.wait({stopped, lost}, return_when=asyncio.FIRST_COMPLETED)
-    for task in (stopped, lost, *registering):
-        task.cancel()
-    if lost.done() and not stop.is_set():
-        raise CtlError(f"lost the connection to the {ctl.bus_spec} bus")
-    if state.get("error"):
-        raise CtlError(state["error"])
-    if state["owner"] is not None and bus.connected:
+    async with client.manager.changes(devices=False) as changes:
+        await register()
+        stopped = asyncio.ensure_future(stop.wait())
+        following = asyncio.ensure_future(follow())
+        await asyncio.wait({stopped, following}, return_when=asyncio.FIRST_COMPLETED)
+        for task in (stopped, following):
+            task.cancel()
+        error = following.exception() if following.done() and not following.cancelled() else None
+        if error is not None and (isinstance(error, CtlError) or not stop.is_set()):
+            raise error  # could not register, or ConnectionLost
+    if client.service_owner is not None and client.connected:
         try:
-            await ctl.call(ROOT_PATH, MANAGER_IFACE, "UnregisterAgent", "o", [AGENT_PATH], timeout=5)
-        except CtlError:
+            await agent.unregister(timeout=5)
+        except (StillError, ClientError):
             pass
     return 0

@@ -8,6 +8,7 @@ import os
 from typing import Any
 
 from stillsvc import __version__
+from stillsvc.client import Client, ClientError, StillError
 
 # Every subcommand module registers its commands on import.
 from stillsvc.ctl import devices, events, scan  # noqa: F401  (each registers its subcommands)
@@ -60,12 +61,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 async def run(args: argparse.Namespace) -> int:
-    ctl = Ctl(bus_spec=args.bus, json=args.json)
+    client = Client(args.bus)
     try:
-        await ctl.connect()
-        return await COMMANDS[args.subcommand].run(ctl, args)
+        await client.connect()
+        return await COMMANDS[args.subcommand].run(Ctl(client, json=args.json), args)
     finally:
-        ctl.disconnect()
+        client.disconnect()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -75,6 +76,10 @@ def main(argv: list[str] | None = None) -> int:
     except CtlError as e:
         warn(e.message)
         return e.code
+    except (StillError, ClientError) as e:
+        # The service's answer, or the bus's failure: its message says it all.
+        warn(e.message)
+        return 1
     except KeyboardInterrupt:
         return 130
     except BrokenPipeError:

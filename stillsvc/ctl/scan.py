@@ -6,15 +6,12 @@ Registered with :func:`stillsvc.ctl.command` when :mod:`stillsvc.ctl` loads.
 from __future__ import annotations
 
 import argparse
-import asyncio
 import os
 import sys
 from typing import Any
 
-from dbus_fast import Message, MessageType, Variant
-
-from stillsvc.common.names import ITEM_IFACE, MANAGER_IFACE, ROOT_PATH, SESSION_IFACE
-from stillsvc.ctl.base import Ctl, CtlError, arg, command, plain, print_json, print_table, show
+from stillsvc.client import ItemInfo, Progress, Session
+from stillsvc.ctl.base import Ctl, CtlError, arg, command, print_json, print_table, show
 
 EXTENSIONS = {
     ".png": "png", ".tif": "tiff", ".tiff": "tiff", ".jpg": "jpeg", ".jpeg": "jpeg", ".pdf": "pdf",
@@ -22,38 +19,15 @@ EXTENSIONS = {
 }
 
 
-async def open_session(ctl: Ctl, device: str, mode: str, wait: float = 0.0) -> str:
-    options = {"wait_ms": Variant("u", int(wait * 1000))} if wait else {}
-    (path,) = await ctl.call(ROOT_PATH, MANAGER_IFACE, "CreateDevice", "ssa{sv}", [device, mode, options],
-                             timeout=wait + 30)
-    return path
-
-
-async def close_session(ctl: Ctl, session: str) -> None:
-    try:
-        await ctl.call(session, SESSION_IFACE, "Close")
-    except CtlError:
-        pass
-
-
-async def item_tree(ctl: Ctl, path: str, depth: int = 0) -> list[tuple[int, str, dict[str, Any]]]:
-    (props,) = await ctl.call(path, "org.freedesktop.DBus.Properties", "GetAll", "s", [ITEM_IFACE])
-    props = plain(props)
-    found = [(depth, path, props)]
-    for child in props.get("Children", []):
-        found += await item_tree(ctl, child, depth + 1)
-    return found
-
-
-def pick_item(tree: list[tuple[int, str, dict[str, Any]]], wanted: str) -> tuple[str, dict[str, Any]]:
+def pick_item(tree: list[ItemInfo], wanted: str) -> ItemInfo:
     """An item by kind (flatbed, feeder), name or path (Root/Feeder), case-insensitive."""
     wanted = wanted.lower()
-    for _depth, path, props in tree:
-        names = {props["Kind"].lower(), props["Name"].lower(), props["ItemPath"].lower(),
-                 props["ItemPath"].lower().removeprefix("root/")}
+    for info in tree:
+        names = {info.kind.lower(), info.name.lower(), info.item_path.lower(),
+                 info.item_path.lower().removeprefix("root/")}
         if wanted in names:
-            return path, props
-    choices = ", ".join(p["ItemPath"] for _d, _p, p in tree)
+            return info
+    choices = ", ".join(info.item_path for info in tree)
     raise CtlError(f"no item {wanted!r} (items: {choices})")
 
 
@@ -61,18 +35,12 @@ def pick_item(tree: list[tuple[int, str, dict[str, Any]]], wanted: str) -> tuple
          arg("device", metavar="DEVICE", help="device id (e.g. sim0)"),
          description="Show the items of DEVICE (root, flatbed, feeder, ...), as a fresh session sees them.")
 async def cmd_items(ctl: Ctl, args: argparse.Namespace) -> int:
-    session = await open_session(ctl, args.device, "status")
-    try:
-        root = (await ctl.call(session, "org.freedesktop.DBus.Properties", "Get", "ss",
-                               [SESSION_IFACE, "RootItem"]))[0].value
-        tree = await item_tree(ctl, root)
-        if ctl.json:
-            print_json([{"depth": d, "path": p, **props} for d, p, props in tree])
-        else:
-            print_table(["ITEM", "KIND", "CONNECTED"],
-                        [["  " * d + props["Name"], props["Kind"], props["Connected"]] for d, _p, props in tree])
-    finally:
-        await close_session(ctl, session)
+    async with await ctl.client.manager.open_session(args.device, "status") as session:
+        tree = await session.items()
+    if ctl.json:
+        print_json([{"depth": i.depth, "path": i.path, **i.as_dict()} for i in tree])
+    else:
+        print_table(["ITEM", "KIND", "CONNECTED"], [["  " * i.depth + i.name, i.kind, i.connected] for i in tree])
     return 0
 
 
@@ -83,22 +51,16 @@ async def cmd_props(ctl: Ctl, args: argparse.Namespace) -> int:
     device, _, wanted = args.item.partition("/")
     if not device or not wanted:
         raise CtlError(f"ITEM is DEVICE/ITEM, e.g. sim0/Flatbed, not {args.item!r}", code=2)
-    session = await open_session(ctl, device, "status")
-    try:
-        root = (await ctl.call(session, "org.freedesktop.DBus.Properties", "Get", "ss",
-                               [SESSION_IFACE, "RootItem"]))[0].value
-        path, _props = pick_item(await item_tree(ctl, root), wanted)
-        (values,) = await ctl.call(path, ITEM_IFACE, "ReadProperties")
-        (attributes,) = await ctl.call(path, ITEM_IFACE, "GetPropertyAttributes")
-        values, attributes = plain(values), plain(attributes)
-        if ctl.json:
-            print_json({name: {"value": values[name], **attributes.get(name, {})} for name in values})
-        else:
-            print_table(["PROPERTY", "VALUE", "TYPE", "ACCESS", "VALID"],
-                        [[name, values[name], attributes[name]["type"], attributes[name]["access"],
-                          describe_valid(attributes[name]["valid"])] for name in values])
-    finally:
-        await close_session(ctl, session)
+    async with await ctl.client.manager.open_session(device, "status") as session:
+        item = await session.item(pick_item(await session.items(), wanted).path)
+        values = await item.read()
+        attributes = {name: a.as_dict() for name, a in (await item.attributes()).items()}
+    if ctl.json:
+        print_json({name: {"value": values[name], **attributes.get(name, {})} for name in values})
+    else:
+        print_table(["PROPERTY", "VALUE", "TYPE", "ACCESS", "VALID"],
+                    [[name, values[name], attributes[name]["type"], attributes[name]["access"],
+                      describe_valid(attributes[name]["valid"])] for name in values])
     return 0
 
 
@@ -117,13 +79,13 @@ class _ProgressBar:
         self.enabled = enabled
         self.shown = False
 
-    def update(self, page: int, percent: int, written: int) -> None:
+    def update(self, progress: Progress) -> None:
         if not self.enabled:
             return
         width = 30
-        filled = width * percent // 100
-        sys.stderr.write(f"\rpage {page} [{'#' * filled}{'.' * (width - filled)}] {percent:3d}%  "
-                         f"{written / 1048576:7.1f} MiB")
+        filled = width * progress.percent // 100
+        sys.stderr.write(f"\rpage {progress.page} [{'#' * filled}{'.' * (width - filled)}] "
+                         f"{progress.percent:3d}%  {progress.bytes / 1048576:7.1f} MiB")
         sys.stderr.flush()
         self.shown = True
 
@@ -152,23 +114,9 @@ class _ProgressBar:
                      "png and jpeg take one page per scan.")
 async def cmd_scan(ctl: Ctl, args: argparse.Namespace) -> int:
     fmt = args.format or EXTENSIONS.get(os.path.splitext(args.output)[1].lower(), "png")
-    session = await open_session(ctl, args.device, "data", args.wait)
-    fd = -1
-    try:
-        root = (await ctl.call(session, "org.freedesktop.DBus.Properties", "Get", "ss",
-                               [SESSION_IFACE, "RootItem"]))[0].value
-        path, props = pick_item(await item_tree(ctl, root), "feeder" if args.source == "duplex" else args.source)
-        await ctl.call(path, ITEM_IFACE, "WriteProperties", "a{sv}", [scan_settings(args, fmt)])
-        fd = sys.stdout.fileno() if args.output == "-" else os.open(
-            args.output, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
-        bar = _ProgressBar(sys.stderr.isatty() and not ctl.json)
-        summary = await transfer(ctl, path, fd, fmt, bar)
-        bar.done()
-    finally:
-        if fd >= 0 and args.output != "-":
-            os.close(fd)
-        await close_session(ctl, session)
-    summary = plain(summary)
+    session = await ctl.client.manager.open_session(args.device, "data", wait=args.wait)
+    async with session:
+        summary = await scan_into(ctl, session, args, fmt)
     if ctl.json:
         print_json({"output": args.output, **summary})
     else:
@@ -179,57 +127,45 @@ async def cmd_scan(ctl: Ctl, args: argparse.Namespace) -> int:
     return 0
 
 
-def scan_settings(args: argparse.Namespace, fmt: str) -> dict[str, Variant]:
-    settings: dict[str, Variant] = {"format": Variant("s", fmt)}
+async def scan_into(ctl: Ctl, session: Session, args: argparse.Namespace, fmt: str) -> dict[str, Any]:
+    """Set the item's properties, then stream its image into the output (Ctrl-C cancels it)."""
+    wanted = "feeder" if args.source == "duplex" else args.source
+    item = await session.item(pick_item(await session.items(), wanted).path)
+    await item.write(scan_settings(args, fmt))
+    bar = _ProgressBar(sys.stderr.isatty() and not ctl.json)
+    target = sys.stdout.fileno() if args.output == "-" else args.output
+    summary = await item.transfer(target, fmt, progress=bar.update)
+    bar.done()
+    return summary.as_dict()
+
+
+def scan_settings(args: argparse.Namespace, fmt: str) -> dict[str, Any]:
+    """The item properties to write, as plain values (the client library types them)."""
+    settings: dict[str, Any] = {"format": fmt}
     if args.resolution is not None:
-        settings["resolution"] = Variant("u", args.resolution)
+        settings["resolution"] = args.resolution
     if args.mode is not None:
-        settings["mode"] = Variant("s", args.mode)
+        settings["mode"] = args.mode
         if args.mode == "lineart":
-            settings["depth"] = Variant("u", 1)
+            settings["depth"] = 1
     if args.depth is not None:
-        settings["depth"] = Variant("u", args.depth)
+        settings["depth"] = args.depth
     if args.source == "duplex":
-        settings["source"] = Variant("s", "duplex")
+        settings["source"] = "duplex"
     if args.source in ("feeder", "duplex"):
-        settings["pages"] = Variant("u", args.pages or 0)
+        settings["pages"] = args.pages or 0
     for assignment in args.set:
         name, sep, text = assignment.partition("=")
         if not sep:
             raise CtlError(f"--set takes NAME=VALUE, not {assignment!r}", code=2)
-        settings[name] = _guess_variant(text)
+        settings[name] = _guess_value(text)
     return settings
 
 
-def _guess_variant(text: str) -> Variant:
+def _guess_value(text: str) -> int | bool | str:
+    """``--set`` values: integers, true/false, else text."""
     if text.lstrip("-").isdigit():
-        return Variant("i" if text.startswith("-") else "u", int(text))
+        return int(text)
     if text in ("true", "false"):
-        return Variant("b", text == "true")
-    return Variant("s", text)
-
-
-async def transfer(ctl: Ctl, item: str, fd: int, fmt: str, bar: _ProgressBar) -> dict[str, Any]:
-    """Item.Transfer with our descriptor, progress shown, Ctrl-C turned into Cancel."""
-    assert ctl.bus is not None
-    bus = ctl.bus
-
-    def on_signal(msg: Message) -> None:
-        if msg.message_type is MessageType.SIGNAL and msg.member == "Progress" and msg.path == item:
-            bar.update(*msg.body)
-
-    bus.add_message_handler(on_signal)
-    msg = Message(destination="org.stillsvc.StillImage1", path=item, interface=ITEM_IFACE, member="Transfer",
-                  signature="hsa{sv}", body=[0, fmt, {}], unix_fds=[fd])
-    call = asyncio.ensure_future(bus.call(msg))
-    try:
-        reply = await asyncio.shield(call)
-    except asyncio.CancelledError:
-        await ctl.call(item, ITEM_IFACE, "Cancel")
-        raise
-    finally:
-        bus.remove_message_handler(on_signal)
-    if reply.message_type is MessageType.ERROR:
-        raise CtlError(ctl.error_text(reply.error_name or "", reply.body[0] if reply.body else ""),
-                       error_name=reply.error_name)
-    return reply.body[0]
+        return text == "true"
+    return text
