@@ -8,7 +8,8 @@
 #
 # Variables: DESTDIR (staging root, empty for the live system), PREFIX or
 # prefix (/usr), bindir (where the commands are, see below), sysconfdir
-# (/etc), PYTHON (python3), PIP_FLAGS (extra pip options), and each target
+# (/etc), PYTHON (python3), PIP_FLAGS (extra pip options), EXTRAS (optional
+# dependency groups for install-python, e.g. EXTRAS=udev,usb), and each target
 # folder below. Keep PREFIX=/usr for a working system: D-Bus, polkit and udev
 # read their files from /usr only (and /etc).
 #
@@ -113,7 +114,7 @@ uninstall:
 # PIP_FLAGS=--break-system-packages to install below /usr/local anyway.
 # pip cannot uninstall from a staging root; on a live system: pip uninstall stillsvc.
 install-python:
-	$(PYTHON) -m pip install $(PIP_FLAGS) $(if $(DESTDIR),--root=$(DESTDIR)) .
+	$(PYTHON) -m pip install $(PIP_FLAGS) $(if $(DESTDIR),--root=$(DESTDIR)) ".$(if $(EXTRAS),[$(EXTRAS)])"
 	@echo "stillsvc and stillctl are in $(bindir)"
 
 # systemd-analyze verify fails a unit whose ExecStart= names a file that does
