@@ -77,15 +77,21 @@ OUTSIDE_RECHECK = 0.25
 
 
 class Listener:
-    """What the manager reports to the D-Bus layer and the event monitor.
-    Every method does nothing here; subclass and override what you need."""
+    """The core's one way of telling the outside what happened: the front-ends and
+    the event monitor subclass it and override what they need (every method does
+    nothing here). Called on the event loop; a listener that fails is logged and
+    the others are still told."""
 
     def device_added(self, device: Device) -> None: ...
     def device_removed(self, device: Device) -> None: ...
     def device_changed(self, device: Device, names: list[str]) -> None: ...
     def session_closed(self, session: Session) -> None: ...
+    def lock_revoked(self, session: Session) -> None: ...
+    def event_queued(self, session: Session, record: EventRecord) -> None:
+        """An event was queued for a session that subscribed (the holder of data mode)."""
     def event_routed(self, device: Device, record: EventRecord, consumer: str) -> None: ...
     def items_changed(self, device: Device) -> None: ...
+    def client_gone(self, client: Client) -> None: ...
 
 
 def _describe_owner(owner: Any) -> str:
@@ -122,13 +128,13 @@ class Device:
         self.log = log.bind(device=self.id)
         self.data_mode: FairLock[Session] = FairLock(
             f"device {self.id} in data mode", describe=_describe_owner,
-            on_queue_changed=lambda: manager._changed(self, ["DataModeWaiters"]), alive=_owner_alive)
+            on_queue_changed=lambda: manager.changed(self, ["DataModeWaiters"]), alive=_owner_alive)
         self.device_lock: FairLock[Any] = FairLock(
             f"the device lock of {self.id}",
             max_hold=manager.config.limits.lock_max_hold_ms / 1000,
             on_expired=self._lock_expired,
             describe=_describe_owner,
-            on_queue_changed=lambda: manager._changed(self, ["LockWaiters"]),
+            on_queue_changed=lambda: manager.changed(self, ["LockWaiters"]),
             alive=_owner_alive,
         )
         self.lockfile = DeviceLockFile(manager.config.runtime_dir, self.id)
@@ -264,7 +270,7 @@ class Device:
             self.settle_lockfile()
 
     def _lock_expired(self, owner: Any) -> None:
-        self.manager._spawn(self._revoke(owner))
+        self.manager.spawn(self._revoke(owner))
 
     async def _revoke(self, owner: Any) -> None:
         """The hold time ran out. A holder whose transfer is still moving data keeps
@@ -287,8 +293,7 @@ class Device:
         if self.device_lock.holder is owner:
             await self.unlock(owner)
         if isinstance(owner, Session):
-            for callback in owner.on_lock_revoked:
-                callback(owner)
+            self.manager.notify("lock_revoked", owner)
 
     # -- the lock file ------------------------------------------------------------
     async def take_lockfile(self, wanted: Callable[[], bool], deadline: float, timeout: float) -> None:
@@ -336,10 +341,10 @@ class Device:
         if held:
             self.log.info("device held by another program", lock_file=str(self.lockfile.path))
             if self._outside_watch is None or self._outside_watch.done():
-                self._outside_watch = self.manager._spawn(self._watch_outside())
+                self._outside_watch = self.manager.spawn(self._watch_outside())
         else:
             self.log.info("the other program has let go of the device")
-        self.manager._changed(self, ["State"])
+        self.manager.changed(self, ["State"])
 
     async def _watch_outside(self) -> None:
         """While another program holds the lock file, look again now and then, so that
@@ -367,11 +372,11 @@ class Device:
         self.log.info("standing back for another program", session=session.number, client=session.client.name)
         loop = asyncio.get_running_loop()
         self.lockfile.watch_until_free(lambda: _call_soon(loop, self._spawn_take_back))
-        self.manager._changed(self, ["State"])
+        self.manager.changed(self, ["State"])
         return fd
 
     def _spawn_take_back(self) -> None:
-        self.manager._spawn(self._take_back())
+        self.manager.spawn(self._take_back())
 
     async def _take_back(self) -> None:
         if not self.standing_back:
@@ -383,7 +388,7 @@ class Device:
             self.log.error("could not reclaim the device's port", error=e.message)
         self.standing_back = False
         self.log.info("device is back from another program")
-        self.manager._changed(self, ["State"])
+        self.manager.changed(self, ["State"])
 
     # -- the item tree ------------------------------------------------------------
     def adopt_tree(self, root: DriverItem) -> None:
@@ -460,7 +465,7 @@ class Device:
                 attach_new_items(s.root_item, added)
         if added or removed:
             self.log.info("item tree synchronized", added=[i.path for i in added], removed=[i.path for i in removed])
-            self.manager._notify("items_changed", self)
+            self.manager.notify("items_changed", self)
         return added, removed
 
     # -- device I/O for sessions ---------------------------------------------------
@@ -507,7 +512,7 @@ class Device:
         self.events_undelivered += count
         getattr(self.log, level)("event undelivered" if count == 1 else "events undelivered", count=count,
                                  **context, reason=why, undelivered_total=self.events_undelivered)
-        self.manager._changed(self, ["UndeliveredEvents"])
+        self.manager.changed(self, ["UndeliveredEvents"])
 
     def record_event(self, event: DeviceEvent) -> EventRecord:
         self.event_sequence += 1
@@ -536,13 +541,13 @@ class _Host:
             self.loop.call_soon_threadsafe(fn, *args)
 
     def emit_event(self, event: DeviceEvent) -> None:
-        self._post(self.manager._driver_event, self.device_id, event)
+        self._post(self.manager.driver_event, self.device_id, event)
 
     def device_unplugged(self) -> None:
-        self._post(self.manager._unplugged, self.device_id)
+        self._post(self.manager.unplugged_by_driver, self.device_id)
 
     def device_replugged(self) -> None:
-        self._post(self.manager._spawn_replug, self.device_id)
+        self._post(self.manager.replugged_by_driver, self.device_id)
 
 
 class DeviceManager:
@@ -572,7 +577,8 @@ class DeviceManager:
         self.loop = asyncio.get_running_loop()
 
     # -- plumbing ---------------------------------------------------------------
-    def _spawn(self, coro: Any) -> asyncio.Task[Any]:
+    def spawn(self, coro: Any) -> asyncio.Task[Any]:
+        """Run ``coro`` in the background; its failure is logged, never lost."""
         task = self.loop.create_task(coro)
         self._tasks.add(task)
         task.add_done_callback(self._task_done)
@@ -583,15 +589,16 @@ class DeviceManager:
         if not task.cancelled() and task.exception() is not None:
             log.error("background task failed", exc_info=task.exception())
 
-    def _notify(self, method: str, *args: Any) -> None:
+    def notify(self, method: str, *args: Any) -> None:
+        """Tell every listener (one failing listener does not stop the others)."""
         for listener in list(self.listeners):
             try:
                 getattr(listener, method)(*args)
             except Exception:
                 log.exception("listener failed", listener=type(listener).__name__, notification=method)
 
-    def _changed(self, device: Device, names: list[str]) -> None:
-        self._notify("device_changed", device, names)
+    def changed(self, device: Device, names: list[str]) -> None:
+        self.notify("device_changed", device, names)
 
     # -- discovery ----------------------------------------------------------------
     async def found(self, candidate: Candidate) -> None:
@@ -657,7 +664,7 @@ class DeviceManager:
         self.devices[config.id] = device
         self.unplugged.pop(config.id, None)
         device.log.info("device added", driver=driver.name, name=info.name)
-        self._notify("device_added", device)
+        self.notify("device_added", device)
         return device
 
     def check_string(self, value: str, what: str) -> None:
@@ -693,7 +700,7 @@ class DeviceManager:
         if keep_driver:
             self.unplugged[device_id] = (device.config, device.driver, device.executor)
         device.log.info("device removed")
-        self._notify("device_removed", device)
+        self.notify("device_removed", device)
         if not keep_driver:
             try:
                 await device.call(device.driver.shutdown)
@@ -701,11 +708,11 @@ class DeviceManager:
                 device.log.warning("driver shutdown failed", error=str(e))
             device.executor.shutdown(wait=False)
 
-    def _unplugged(self, device_id: str) -> None:
-        self._spawn(self.remove_device(device_id, keep_driver=True))
+    def unplugged_by_driver(self, device_id: str) -> None:
+        self.spawn(self.remove_device(device_id, keep_driver=True))
 
-    def _spawn_replug(self, device_id: str) -> None:
-        self._spawn(self.replug(device_id))
+    def replugged_by_driver(self, device_id: str) -> None:
+        self.spawn(self.replug(device_id))
 
     async def replug(self, device_id: str) -> Device:
         entry = self.unplugged.get(device_id)
@@ -773,9 +780,10 @@ class DeviceManager:
             raise Cancelled(f"client {client.name} has gone")
         self.sessions[session.number] = session
         device.sessions.add(session)
-        log.info("session opened", device=device_id, session=session.number, client=client.name, mode=mode.label)
+        log.info("session opened", device=device_id, session=session.number, client=client.name, via=client.via,
+                 mode=mode.label)
         if mode & Mode.DATA:
-            self._changed(device, ["DataModeHolder"])
+            self.changed(device, ["DataModeHolder"])
         return session
 
     @staticmethod
@@ -803,16 +811,11 @@ class DeviceManager:
         session.release_fds()
         if session.root_item is not None:
             session.root_item.release()  # -1 on each linked driver item; at 0 it is destroyed
-        for callback in session.on_closed:
-            try:
-                callback(session)
-            except Exception:
-                log.exception("session close callback failed")
         log.info("session closed", device=session.device_id, session=session.number,
                  client=session.client.name, why=why)
-        self._notify("session_closed", session)
+        self.notify("session_closed", session)
         if held_data and not device.disconnected:
-            self._changed(device, ["DataModeHolder"])
+            self.changed(device, ["DataModeHolder"])
 
     def client_gone(self, client: Client) -> None:
         """The client has left (its connection closed): from this instant nothing is
@@ -824,7 +827,8 @@ class DeviceManager:
                 for waiter in fair.waiting:
                     if _client_of(waiter) is client:
                         fair.discard(waiter, Cancelled(f"client {client.name} has gone"))
-        self._spawn(self.client_vanished(client.name))
+        self.notify("client_gone", client)
+        self.spawn(self.client_vanished(client.name))
 
     async def client_vanished(self, client_name: str) -> None:
         """Close everything the client named ``client_name`` had, at once."""
@@ -838,7 +842,8 @@ class DeviceManager:
                         fair.discard(waiter)
 
     # -- events -----------------------------------------------------------------
-    def _driver_event(self, device_id: str, event: DeviceEvent) -> None:
+    def driver_event(self, device_id: str, event: DeviceEvent) -> None:
+        """A driver reported ``event`` (on the loop): route it to exactly one consumer."""
         device = self.devices.get(device_id)
         if device is None:
             log.warning("event from a device that is gone", device=device_id, event_name=event.name)
@@ -846,12 +851,12 @@ class DeviceManager:
         record = device.record_event(event)
         consumer = self.route(device, record)
         if isinstance(consumer, str):
-            self._notify("event_routed", device, record, consumer)
+            self.notify("event_routed", device, record, consumer)
         else:
-            self._spawn(self._routed_later(device, record, consumer))
+            self.spawn(self._routed_later(device, record, consumer))
 
     async def _routed_later(self, device: Device, record: EventRecord, consumer: Awaitable[str]) -> None:
-        self._notify("event_routed", device, record, await consumer)
+        self.notify("event_routed", device, record, await consumer)
 
     def route(self, device: Device, record: EventRecord) -> str | Awaitable[str]:
         """Deliver ``record`` to exactly one consumer; returns who took it (or, when
@@ -859,6 +864,8 @@ class DeviceManager:
         holder = device.data_holder
         if holder is not None and holder in device.sessions and not device.standing_back:
             dropped = holder.queue_event(record)
+            if holder.subscribed:
+                self.notify("event_queued", holder, record)
             device.undelivered(dropped, "event queue full, dropped the oldest", session=holder.number,
                                client=holder.client.name, dropped=holder.events_dropped)
             return f"queue: session {holder.number} ({holder.client.name})"

@@ -254,7 +254,7 @@ class EventMonitor(Listener):
         watch = self._watches.setdefault(device.id, _Watch())
         if watch.opening is not None:
             watch.opening.cancel()
-        watch.opening = self.manager._spawn(self._open(device, watch))
+        watch.opening = self.manager.spawn(self._open(device, watch))
 
     async def _open(self, device: Device, watch: _Watch) -> None:
         try:
@@ -268,7 +268,7 @@ class EventMonitor(Listener):
         watch.session = session
         watch.opening = None
         if device.driver.events is EventSource.POLL:
-            watch.poller = self.manager._spawn(self._poll(device, session))
+            watch.poller = self.manager.spawn(self._poll(device, session))
         device.log.debug("event monitor watching", session=session.number, events=device.driver.events.value)
 
     def device_removed(self, device: Device) -> None:
@@ -279,7 +279,11 @@ class EventMonitor(Listener):
             if task is not None:
                 task.cancel()
         if watch.session is not None:
-            self.manager._spawn(self.manager.close_session(watch.session, why="device went away"))
+            self.manager.spawn(self.manager.close_session(watch.session, why="device went away"))
+
+    def client_gone(self, client: Client) -> None:
+        """An agent belongs to its connection: when the client goes, so do its agents."""
+        self.agents.remove_owner(client.name)
 
     def session_of(self, device_id: str) -> Session | None:
         watch = self._watches.get(device_id)
@@ -314,7 +318,7 @@ class EventMonitor(Listener):
                     await device.unlock(owner)
             for event in events or ():
                 if isinstance(event, DeviceEvent):
-                    self.manager._driver_event(device.id, event)
+                    self.manager.driver_event(device.id, event)
                 else:
                     device.log.error("driver returned something that is not an event from poll_events",
                                      value=repr(event)[:80])

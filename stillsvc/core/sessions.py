@@ -26,7 +26,13 @@ if TYPE_CHECKING:
 
 @dataclass(eq=False)
 class Client:
-    """Who is on the other end. ``name`` is the D-Bus unique name (or an internal label).
+    """Who is on the other end, whichever front-end it came through.
+
+    ``via`` names that front-end (``"dbus"``; ``""`` for the service's own
+    clients, such as the event monitor) and ``name`` is unique among all clients:
+    the D-Bus unique name, or a front-end's label for a network peer (say
+    ``"saned:192.0.2.7:50123"``). Ownership of sessions, limits per client and
+    the ``client`` in every log line work the same for every front-end.
 
     ``gone`` is set, once and for good, the moment the service learns that the
     client has left (its connection closed, the process killed). It is a state,
@@ -41,6 +47,7 @@ class Client:
     command: str | None = None
     internal: bool = False
     gone: bool = False
+    via: str = ""
 
     def describe(self) -> str:
         details = []
@@ -78,11 +85,6 @@ class Session:
         self.events: deque[EventRecord] = deque()
         self.queue_length = queue_length
         self.events_dropped = 0
-        #: Set by the D-Bus layer (or a test): called when the lock was revoked,
-        #: and for each queued event while subscribed.
-        self.on_lock_revoked: list = []
-        self.on_event: list = []
-        self.on_closed: list = []
         self._fds: list[int] = []
         #: The session's own application items (root = the device), if the device has a tree.
         self.root_item: AppItem | None = None
@@ -160,9 +162,6 @@ class Session:
             dropped += 1
         self.events_dropped += dropped
         self.events.append(record)
-        if self.subscribed:
-            for callback in self.on_event:
-                callback(self, record)
         return dropped
 
     def drop_queue(self) -> int:

@@ -207,11 +207,13 @@ async def test_holder_released_and_waiter_gone_in_the_same_step_leaves_nothing_h
     if order == "holder-released-first":
         seen: list[tuple[Session | None, bool]] = []
 
-        def closed(session: Session) -> None:  # called by close_session once data mode is released
-            seen.append((rig.device.data_holder, waiting.done()))
-            rig.manager.client_gone(b)
+        class Closed(Listener):
+            def session_closed(self, session: Session) -> None:  # told once data mode is released
+                if session is held:
+                    seen.append((rig.device.data_holder, waiting.done()))
+                    rig.manager.client_gone(b)
 
-        held.on_closed.append(closed)
+        rig.manager.listeners.append(Closed())
         await rig.manager.close_session(held)
         [(granted, resumed)] = seen
         assert granted is not None and granted.client is b and not resumed  # granted, not yet resumed

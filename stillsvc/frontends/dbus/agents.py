@@ -53,7 +53,6 @@ class AgentBridge:
         self.registry = monitor.registry
         self.agents = monitor.agents
         service.events = self
-        service.client_left.append(self.connection_left)
 
     # -- agents -------------------------------------------------------------------------
     async def register_agent(self, sender: str | None, path: str) -> None:
@@ -74,9 +73,6 @@ class AgentBridge:
     def unregister_agent(self, sender: str | None, path: str) -> None:
         if sender is None or self.agents.remove(sender, path) is None:
             raise InvalidArgument(f"no agent at {quote(path)} is registered for this connection")
-
-    def connection_left(self, name: str) -> None:
-        self.agents.remove_owner(name)
 
     async def _call(self, agent: Agent, member: str, signature: str, body: list[Any]) -> list[Any]:
         msg = Message(destination=agent.owner, path=agent.path, interface=AGENT_IFACE, member=member,

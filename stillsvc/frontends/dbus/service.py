@@ -12,7 +12,6 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
 from typing import Any
 
 import structlog
@@ -72,8 +71,6 @@ class Service(Listener):
         self.event_watchers: set[str] = set()
         #: The event monitor's D-Bus side (agents, registrations: dbus/agents.py), set at start.
         self.events: Any = None
-        #: Called with a client's unique name when it leaves the bus.
-        self.client_left: list[Callable[[str], None]] = []
 
     # -- start and stop -----------------------------------------------------------
     async def start(self) -> None:
@@ -179,8 +176,6 @@ class Service(Listener):
         iface = SessionInterface(self, session)
         self.session_ifaces[session.number] = iface
         self.bus.export(iface.path, iface)
-        session.on_lock_revoked.append(self._lock_revoked)
-        session.on_event.append(self._event_queued)
         return iface.path
 
     def _export_items(self, session: Session) -> list[ItemInterface]:
@@ -226,7 +221,7 @@ class Service(Listener):
         for item_iface in self.item_ifaces.pop(session.number, {}).values():
             self.bus.unexport(item_iface.path, item_iface)
 
-    def _lock_revoked(self, session: Session) -> None:
+    def lock_revoked(self, session: Session) -> None:
         iface = self.session_ifaces.get(session.number)
         if iface is None:
             return
@@ -234,7 +229,7 @@ class Service(Listener):
         self.bus.unicast_signal(session.client.name, iface.path, SESSION_IFACE, "LockRevoked", "s", [reason])
         iface.changed({"HoldsLock": False})
 
-    def _event_queued(self, session: Session, record: EventRecord) -> None:
+    def event_queued(self, session: Session, record: EventRecord) -> None:
         iface = self.session_ifaces.get(session.number)
         if iface is not None:
             self.bus.unicast_signal(session.client.name, iface.path, SESSION_IFACE, "EventQueued", "st",
@@ -269,7 +264,7 @@ class Service(Listener):
         if pending is None:
             pending = self.manager.loop.create_future()
             self._client_lookups[name] = pending
-            self.manager._spawn(self._look_up(name, pending))
+            self.manager.spawn(self._look_up(name, pending))
         return await asyncio.shield(pending)
 
     async def _look_up(self, name: str, result: asyncio.Future[Client]) -> None:
@@ -292,7 +287,7 @@ class Service(Listener):
                         command = f.read().strip()
                 except OSError:
                     pass
-            client = Client(name=name, uid=uid, pid=pid, command=command)
+            client = Client(name=name, uid=uid, pid=pid, command=command, via="dbus")
             # The match is in place: from here a departure is either seen by NameHasOwner
             # or arrives as NameOwnerChanged (perhaps before this coroutine resumes).
             has_owner = await self._dbus_call("NameHasOwner", "s", [name])
@@ -328,12 +323,10 @@ class Service(Listener):
         log.info("client left the bus", client=name)
         # Marked gone in this very step: nothing in flight can be granted to it later.
         self.manager.client_gone(client)
-        for callback in list(self.client_left):
-            callback(name)
         self._forget_match(name)
 
     def _forget_match(self, name: str) -> None:
-        self.manager._spawn(self._dbus_call("RemoveMatch", "s", [
+        self.manager.spawn(self._dbus_call("RemoveMatch", "s", [
             f"type='signal',sender='{DBUS_NAME}',path='{DBUS_PATH}',interface='{DBUS_NAME}',"
             f"member='NameOwnerChanged',arg0='{name}'"]))
 
