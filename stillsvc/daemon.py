@@ -25,8 +25,8 @@ from stillsvc import log as log_module
 from stillsvc.common.names import BUS_NAME
 from stillsvc.core import config as config_module
 from stillsvc.core.config import Config, ConfigError
-from stillsvc.core.devices import DeviceManager
 from stillsvc.core.events import EventMonitor
+from stillsvc.core.manager import DeviceManager
 from stillsvc.core.registry import Registry
 from stillsvc.discovery import Backend
 from stillsvc.discovery.config import ConfigDiscovery

@@ -11,7 +11,6 @@ import pytest
 
 from stillsvc.common.errors import Cancelled, Disconnected, Failed, InvalidArgument, NotFound
 from stillsvc.core.config import Config, DeviceConfig
-from stillsvc.core.devices import DeviceManager
 from stillsvc.core.items import (
     AppItem,
     attach_new_items,
@@ -21,6 +20,7 @@ from stillsvc.core.items import (
     describe_property,
     synchronize_tree,
 )
+from stillsvc.core.manager import DeviceManager
 from stillsvc.core.sessions import Client
 from stillsvc.core.transfer import Transfer
 from stillsvc.driver import Mode

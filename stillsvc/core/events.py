@@ -57,7 +57,9 @@ import structlog
 
 from stillsvc.common.errors import InvalidArgument, LimitExceeded, StillError
 from stillsvc.common.names import device_path
-from stillsvc.core.devices import Device, DeviceManager, Listener
+from stillsvc.core.devices import Device
+from stillsvc.core.listener import Listener
+from stillsvc.core.manager import DeviceManager
 from stillsvc.core.registry import SYSTEM, USER, Registration, Registry, expand
 from stillsvc.core.sessions import Client, EventRecord, Hold, Session
 from stillsvc.driver import DeviceEvent, EventSource, Mode

@@ -11,8 +11,8 @@ import pytest
 
 from stillsvc.common.errors import AccessDenied, Busy, Cancelled, Failed
 from stillsvc.core.config import Config, DeviceConfig
-from stillsvc.core.devices import DeviceManager
 from stillsvc.core.jobs import Job, JobState
+from stillsvc.core.manager import DeviceManager
 from stillsvc.core.sessions import Client, Hold
 from stillsvc.driver import Mode
 from stillsvc.drivers.sim import SimulatedScanner

@@ -23,8 +23,10 @@ import pytest
 
 from stillsvc.common.errors import Empty
 from stillsvc.core.config import Config, DeviceConfig, Limits
-from stillsvc.core.devices import Device, DeviceManager, Listener
+from stillsvc.core.devices import Device
 from stillsvc.core.events import Agent, Agents, EventMonitor
+from stillsvc.core.listener import Listener
+from stillsvc.core.manager import DeviceManager
 from stillsvc.core.registry import Registry
 from stillsvc.core.sessions import Client, EventRecord, Session
 from stillsvc.driver import Mode

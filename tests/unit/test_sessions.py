@@ -27,7 +27,9 @@ import pytest
 
 from stillsvc.common.errors import AccessDenied, Busy, Cancelled, Timeout
 from stillsvc.core.config import Config, DeviceConfig, Limits
-from stillsvc.core.devices import Device, DeviceManager, Listener
+from stillsvc.core.devices import Device
+from stillsvc.core.listener import Listener
+from stillsvc.core.manager import DeviceManager
 from stillsvc.core.sessions import Client, Hold, Session
 from stillsvc.driver import Mode
 from stillsvc.drivers.sim import SimulatedScanner

@@ -27,7 +27,9 @@ from stillsvc.common.names import (
     SESSIONS_PATH,
     device_path,
 )
-from stillsvc.core.devices import Device, DeviceManager, Listener
+from stillsvc.core.devices import Device
+from stillsvc.core.listener import Listener
+from stillsvc.core.manager import DeviceManager
 from stillsvc.core.sessions import Client, EventRecord, Session
 from stillsvc.frontends.dbus import extensions
 from stillsvc.frontends.dbus.authority import Authority
