@@ -957,8 +957,9 @@ def _polling_driver():
 
 
 async def test_core_polls_a_polling_driver_under_the_lock_and_never_during_data_mode(tmp_path):
+    from stillsvc.core.agents import Agent, Agents
     from stillsvc.core.config import Config, DeviceConfig, Limits
-    from stillsvc.core.events import Agent, Agents, EventMonitor
+    from stillsvc.core.events import EventMonitor
     from stillsvc.core.listener import Listener
     from stillsvc.core.manager import DeviceManager
     from stillsvc.core.registry import Registry

@@ -7,7 +7,7 @@ device's events — pushed by the driver, or, for drivers that can only ask, pol
 at ``service.poll_interval_ms`` under the device lock — and routes each one:
 
 1. a session holds the device in data mode: the event is queued for it (done by
-   :meth:`stillsvc.core.devices.DeviceManager.route`);
+   :meth:`stillsvc.core.manager.DeviceManager.route`);
 2. otherwise the monitor starts one registered application (this module): it is
    the manager's ``launcher``;
 3. while the device is handed over to another program, events are not routed.
@@ -39,173 +39,40 @@ and the environment variables ``STILLSVC_DEVICE``, ``STILLSVC_EVENT``,
 ``STILLSVC_EVENT_SEQUENCE``, ``STILLSVC_DEVICE_PATH``, ``STILLSVC_APPLICATION``
 and ``STILLSVC_BUS``.
 
-The module knows nothing of D-Bus: agents are :class:`Agent` objects whose
-``launch`` and ``choose`` coroutines the D-Bus layer supplies.
+The module knows nothing of D-Bus: agents (:mod:`stillsvc.core.agents`) are
+objects whose ``launch`` and ``choose`` coroutines the D-Bus layer supplies;
+system-wide applications are run by :mod:`stillsvc.core.launcher`, polling
+drivers asked by :mod:`stillsvc.core.poller`.
 """
 
 from __future__ import annotations
 
 import asyncio
-import itertools
-import os
-import pwd
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable
 from dataclasses import dataclass
 from typing import Any
 
 import structlog
 
-from stillsvc.common.errors import InvalidArgument, LimitExceeded, StillError
+from stillsvc.common.errors import StillError
 from stillsvc.common.names import device_path
+from stillsvc.core.agents import AgentError, Agents, ChoiceRequest, LaunchRequest
 from stillsvc.core.devices import Device
+from stillsvc.core.launcher import SystemLauncher
 from stillsvc.core.listener import Listener
 from stillsvc.core.manager import DeviceManager
+from stillsvc.core.poller import poll_events
 from stillsvc.core.registry import SYSTEM, USER, Registration, Registry, expand
-from stillsvc.core.sessions import Client, EventRecord, Hold, Session
-from stillsvc.driver import DeviceEvent, EventSource, Mode
+from stillsvc.core.sessions import Client, EventRecord, Session
+from stillsvc.driver import EventSource, Mode
 
 log = structlog.get_logger(__name__)
 
 #: How long an agent may take to start an application, and to let its user choose (seconds).
 LAUNCH_TIMEOUT = 10.0
 CHOOSE_TIMEOUT = 120.0
-#: Agents one user may have registered at once.
-MAX_AGENTS_PER_USER = 16
-#: System-wide applications the service lets run at once; further events are not delivered.
-MAX_RUNNING = 32
-SYSTEM_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 
 MONITOR_CLIENT = Client(name="event-monitor", command="event monitor", internal=True)
-
-
-class AgentError(Exception):
-    """An agent could not do what it was asked; ``str()`` says why."""
-
-
-@dataclass(frozen=True)
-class LaunchRequest:
-    registration: Registration
-    argv: list[str]
-    env: dict[str, str]
-    device_id: str
-    event: str
-    sequence: int
-
-
-@dataclass(frozen=True)
-class ChoiceRequest:
-    device_id: str
-    event: str
-    sequence: int
-    #: What the agent may choose from, oldest first; it answers with a ``ref``.
-    candidates: list[Registration]
-
-
-@dataclass(eq=False)
-class Agent:
-    """A user's agent, as the D-Bus layer registered it."""
-
-    owner: str
-    path: str
-    uid: int
-    description: str
-    launch: Callable[[LaunchRequest], Awaitable[int]]
-    choose: Callable[[ChoiceRequest], Awaitable[str]]
-    number: int = 0
-
-    def describe(self) -> str:
-        return f"agent {self.description} of user {self.uid}"
-
-
-class Agents:
-    """The registered agents, newest last."""
-
-    def __init__(self) -> None:
-        self._agents: list[Agent] = []
-        self._numbers = itertools.count(1)
-
-    def __iter__(self):  # type: ignore[no-untyped-def]
-        return iter(list(self._agents))
-
-    def __len__(self) -> int:
-        return len(self._agents)
-
-    def add(self, agent: Agent) -> Agent:
-        if any(a.owner == agent.owner and a.path == agent.path for a in self._agents):
-            raise InvalidArgument(f"an agent at {agent.path} is already registered for this connection")
-        if len(self.of_uid(agent.uid)) >= MAX_AGENTS_PER_USER:
-            raise LimitExceeded(f"user {agent.uid} already has {MAX_AGENTS_PER_USER} agents")
-        agent.number = next(self._numbers)
-        self._agents.append(agent)
-        log.info("agent registered", agent=agent.description, uid=agent.uid, path=agent.path)
-        return agent
-
-    def remove(self, owner: str, path: str) -> Agent | None:
-        for agent in self._agents:
-            if agent.owner == owner and agent.path == path:
-                self._agents.remove(agent)
-                log.info("agent unregistered", agent=agent.description, uid=agent.uid, path=path)
-                return agent
-        return None
-
-    def remove_owner(self, owner: str) -> list[Agent]:
-        gone = [a for a in self._agents if a.owner == owner]
-        for agent in gone:
-            self._agents.remove(agent)
-            log.info("agent left", agent=agent.description, uid=agent.uid, path=agent.path)
-        return gone
-
-    def discard(self, agent: Agent) -> None:
-        if agent in self._agents:
-            self._agents.remove(agent)
-
-    def of_uid(self, uid: int | None) -> list[Agent]:
-        """That user's agents, most recently registered first."""
-        return [a for a in reversed(self._agents) if a.uid == uid]
-
-    def newest_first(self) -> list[Agent]:
-        return list(reversed(self._agents))
-
-
-class SystemLauncher:
-    """Runs system-wide applications: as ``user`` (default ``nobody``) when the
-    service is root, as the service's own user otherwise."""
-
-    def __init__(self, user: str = "nobody") -> None:
-        self.as_root = os.geteuid() == 0
-        entry = pwd.getpwnam(user) if self.as_root else pwd.getpwuid(os.geteuid())
-        self.user = entry.pw_name
-        self.uid = entry.pw_uid
-        self.gid = entry.pw_gid
-        self.home = entry.pw_dir if entry.pw_dir and os.path.isdir(entry.pw_dir) else "/"
-        self.running: set[asyncio.subprocess.Process] = set()
-        self._waits: set[asyncio.Task[Any]] = set()
-
-    def environment(self) -> dict[str, str]:
-        return {"PATH": SYSTEM_PATH, "HOME": self.home, "USER": self.user, "LOGNAME": self.user,
-                "LANG": os.environ.get("LANG", "C.UTF-8")}
-
-    async def spawn(self, name: str, argv: list[str], env: dict[str, str]) -> int:
-        if len(self.running) >= MAX_RUNNING:
-            raise LimitExceeded(f"{len(self.running)} system-wide applications are still running")
-        credentials: dict[str, Any] = {}
-        if self.as_root:
-            credentials = {"user": self.uid, "group": self.gid, "extra_groups": []}
-        proc = await asyncio.create_subprocess_exec(
-            *argv, stdin=asyncio.subprocess.DEVNULL, stdout=2, stderr=2, cwd="/", env={**self.environment(), **env},
-            start_new_session=True, umask=0o022, close_fds=True, **credentials)
-        self.running.add(proc)
-        task = asyncio.get_running_loop().create_task(self._wait(name, proc))
-        self._waits.add(task)
-        task.add_done_callback(self._waits.discard)
-        return proc.pid
-
-    async def _wait(self, name: str, proc: asyncio.subprocess.Process) -> None:
-        try:
-            code = await proc.wait()
-            log.info("system-wide application ended", application=name, pid=proc.pid, status=code)
-        finally:
-            self.running.discard(proc)
 
 
 @dataclass
@@ -270,7 +137,7 @@ class EventMonitor(Listener):
         watch.session = session
         watch.opening = None
         if device.driver.events is EventSource.POLL:
-            watch.poller = self.manager.spawn(self._poll(device, session))
+            watch.poller = self.manager.spawn(poll_events(self.manager, device, session))
         device.log.debug("event monitor watching", session=session.number, events=device.driver.events.value)
 
     def device_removed(self, device: Device) -> None:
@@ -290,46 +157,6 @@ class EventMonitor(Listener):
     def session_of(self, device_id: str) -> Session | None:
         watch = self._watches.get(device_id)
         return watch.session if watch else None
-
-    # -- polling ------------------------------------------------------------------------
-    async def _poll(self, device: Device, session: Session) -> None:
-        """Ask a polling driver for events, under the device lock, when nobody else has the device."""
-        interval = self.manager.limits.poll_interval_ms / 1000
-        while not device.disconnected and not session.closed:
-            await asyncio.sleep(interval)
-            if not self._may_poll(device):
-                continue
-            owner = Hold("event poll", session)
-            try:
-                # Never wait for the lock: a client that holds or waits for it goes first.
-                await device.lock(owner, 0)
-            except StillError as e:
-                device.log.debug("event poll skipped", reason=e.message)
-                continue
-            try:
-                # Checked again with the lock held: nothing can take data mode between
-                # this check and the driver call starting.
-                if not self._may_poll(device, locked=True):
-                    continue
-                events: list[DeviceEvent] = await device.run_driver(device.driver.poll_events)
-            except StillError as e:
-                device.log.warning("event poll failed", error=e.message)
-                continue
-            finally:
-                if device.device_lock.holder is owner:
-                    await device.unlock(owner)
-            for event in events or ():
-                if isinstance(event, DeviceEvent):
-                    self.manager.driver_event(device.id, event)
-                else:
-                    device.log.error("driver returned something that is not an event from poll_events",
-                                     value=repr(event)[:80])
-
-    @staticmethod
-    def _may_poll(device: Device, locked: bool = False) -> bool:
-        if device.disconnected or device.standing_back or device.held_outside or device.data_holder is not None:
-            return False
-        return locked or (device.device_lock.holder is None and not device.device_lock.waiting)
 
     # -- routing: the manager's launcher -------------------------------------------------
     def launch(self, device: Device, record: EventRecord) -> str | Awaitable[str]:
@@ -464,4 +291,4 @@ class EventMonitor(Listener):
                                  f"'{registration.name}' ({'; '.join(failures)})")
 
 
-__all__ = ["Agent", "AgentError", "Agents", "ChoiceRequest", "EventMonitor", "LaunchRequest", "SystemLauncher"]
+__all__ = ["EventMonitor", "MONITOR_CLIENT"]

@@ -22,9 +22,10 @@ from pathlib import Path
 import pytest
 
 from stillsvc.common.errors import Empty
+from stillsvc.core.agents import Agent, Agents
 from stillsvc.core.config import Config, DeviceConfig, Limits
 from stillsvc.core.devices import Device
-from stillsvc.core.events import Agent, Agents, EventMonitor
+from stillsvc.core.events import EventMonitor
 from stillsvc.core.listener import Listener
 from stillsvc.core.manager import DeviceManager
 from stillsvc.core.registry import Registry

@@ -22,7 +22,8 @@ from dbus_fast import Message, MessageType, Variant
 
 from stillsvc.common.errors import AccessDenied, InvalidArgument, NotFound, quote
 from stillsvc.common.names import AGENT_IFACE
-from stillsvc.core.events import Agent, AgentError, ChoiceRequest, EventMonitor, LaunchRequest
+from stillsvc.core.agents import Agent, AgentError, ChoiceRequest, LaunchRequest
+from stillsvc.core.events import EventMonitor
 from stillsvc.core.registry import SYSTEM, USER, Registration
 from stillsvc.frontends.dbus.authority import MANAGE
 from stillsvc.frontends.dbus.variants import check_options, integer_option
