@@ -989,8 +989,8 @@ async def test_core_polls_a_polling_driver_under_the_lock_and_never_during_data_
     routed: asyncio.Queue[tuple[str, str]] = asyncio.Queue()
 
     class Watcher(Listener):
-        def event_routed(self, device, record, consumer) -> None:  # type: ignore[no-untyped-def]
-            routed.put_nowait((record.name, consumer))
+        def event_routed(self, device, record, outcome) -> None:  # type: ignore[no-untyped-def]
+            routed.put_nowait((record.name, str(outcome)))
 
     manager.listeners.append(Watcher())
     monitor.start()

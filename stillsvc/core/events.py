@@ -63,6 +63,7 @@ from stillsvc.core.listener import Listener
 from stillsvc.core.manager import DeviceManager
 from stillsvc.core.poller import poll_events
 from stillsvc.core.registry import SYSTEM, USER, Registration, Registry, expand
+from stillsvc.core.routing import Outcome
 from stillsvc.core.sessions import Client, EventRecord, Session
 from stillsvc.driver import EventSource, Mode
 
@@ -159,25 +160,25 @@ class EventMonitor(Listener):
         return watch.session if watch else None
 
     # -- routing: the manager's launcher -------------------------------------------------
-    def launch(self, device: Device, record: EventRecord) -> str | Awaitable[str]:
+    def launch(self, device: Device, record: EventRecord) -> Outcome | Awaitable[Outcome]:
         """Route ``record``, which no data-mode session takes, to one application."""
         matching = self.registry.matching(device.id, device.info.vendor, device.info.model, record.name)
         if not matching:
             device.undelivered(1, "no application registered", level="info", event_name=record.name,
                                sequence=record.sequence)
-            return "none: no application registered"
+            return Outcome.nobody("no application registered")
         return self._deliver(device, record, matching)
 
-    def _undelivered(self, device: Device, record: EventRecord, reason: str) -> str:
+    def _undelivered(self, device: Device, record: EventRecord, reason: str) -> Outcome:
         device.undelivered(1, reason, event_name=record.name, sequence=record.sequence)
-        return f"none: undelivered: {reason}"
+        return Outcome.nobody(f"undelivered: {reason}")
 
     def _deliverable(self, registration: Registration) -> bool:
         if registration.scope == SYSTEM:
             return self.system is not None
         return bool(self.agents.of_uid(registration.uid))
 
-    async def _deliver(self, device: Device, record: EventRecord, matching: list[Registration]) -> str:
+    async def _deliver(self, device: Device, record: EventRecord, matching: list[Registration]) -> Outcome:
         candidates = [r for r in matching if self._deliverable(r)]
         if not candidates:
             first = matching[0]
@@ -196,12 +197,12 @@ class EventMonitor(Listener):
             device.log.info("data mode taken while choosing; queueing the event instead", event_name=record.name,
                             sequence=record.sequence)
             result = self.manager.route(device, record)
-            return result if isinstance(result, str) else await result
+            return result if isinstance(result, Outcome) else await result
         if device.held_by_program():
             # Another program took the device while an agent was choosing: launch nothing.
             device.undelivered(1, "the device is held by another program", level="info", event_name=record.name,
                                sequence=record.sequence)
-            return "none: held by another program"
+            return Outcome.nobody("held by another program")
         return await self._launch(device, record, chosen, how)
 
     async def _choose(self, device: Device, record: EventRecord,
@@ -257,7 +258,8 @@ class EventMonitor(Listener):
         return LaunchRequest(registration, expand(registration.command, values), env, device.id, record.name,
                              record.sequence)
 
-    async def _launch(self, device: Device, record: EventRecord, registration: Registration, how: str) -> str:
+    async def _launch(self, device: Device, record: EventRecord, registration: Registration,
+                      how: str) -> Outcome:
         request = self.request(device, record, registration)
         if registration.scope == SYSTEM:
             assert self.system is not None
@@ -268,7 +270,8 @@ class EventMonitor(Listener):
                 return self._undelivered(device, record, f"could not start {registration.describe()}: {reason}")
             device.log.info("application started", event_name=record.name, sequence=record.sequence,
                             application=registration.name, scope=SYSTEM, pid=pid, user=self.system.user, why=how)
-            return f"launch: system:{registration.name} as {self.system.user}, pid {pid} ({how})"
+            return Outcome.launched(registration.ref,
+                                    f"system:{registration.name} as {self.system.user}, pid {pid} ({how})", pid)
         failures = []
         for agent in self.agents.of_uid(registration.uid):
             try:
@@ -281,8 +284,8 @@ class EventMonitor(Listener):
                 device.log.info("application started", event_name=record.name, sequence=record.sequence,
                                 application=registration.name, scope=USER, uid=registration.uid, pid=pid,
                                 agent=agent.description, why=how)
-                return (f"launch: {registration.name} via {agent.describe()}"
-                        + (f", pid {pid}" if pid else "") + f" ({how})")
+                return Outcome.launched(registration.ref, f"{registration.name} via {agent.describe()}"
+                                        + (f", pid {pid}" if pid else "") + f" ({how})", pid or 0)
             device.log.warning("agent failed to start an application", agent=agent.description,
                                application=registration.name, error=failures[-1])
         if not failures:

@@ -6,6 +6,7 @@ from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from stillsvc.core.devices import Device
+    from stillsvc.core.routing import Outcome
     from stillsvc.core.sessions import Client, EventRecord, Session
 
 
@@ -22,7 +23,7 @@ class Listener:
     def lock_revoked(self, session: Session) -> None: ...
     def event_queued(self, session: Session, record: EventRecord) -> None:
         """An event was queued for a session that subscribed (the holder of data mode)."""
-    def event_routed(self, device: Device, record: EventRecord, consumer: str) -> None: ...
+    def event_routed(self, device: Device, record: EventRecord, outcome: Outcome) -> None: ...
     def items_changed(self, device: Device) -> None: ...
     def client_gone(self, client: Client) -> None: ...
 

@@ -26,6 +26,7 @@ from stillsvc.common.names import sanitise_id
 from stillsvc.core.config import Config, DeviceConfig
 from stillsvc.core.devices import Device
 from stillsvc.core.listener import Listener
+from stillsvc.core.routing import Outcome
 from stillsvc.core.sessions import Client, EventRecord, Session
 from stillsvc.driver import Candidate, DeviceEvent, Minidriver, Mode, match
 
@@ -87,7 +88,7 @@ class DeviceManager:
         #: Chooses the consumer of an event no data-mode session takes (the event
         #: monitor sets it); returns a description of the consumer, or an awaitable
         #: of one when delivering takes a while (asking an agent).
-        self.launcher: Callable[[Device, EventRecord], str | Awaitable[str]] | None = None
+        self.launcher: Callable[[Device, EventRecord], Outcome | Awaitable[Outcome]] | None = None
         self._pending: dict[str, int] = {}
         #: Devices that went away while application items still linked their items.
         self.departed: dict[str, list[Device]] = {}
@@ -367,16 +368,16 @@ class DeviceManager:
             log.warning("event from a device that is gone", device=device_id, event_name=event.name)
             return
         record = device.record_event(event)
-        consumer = self.route(device, record)
-        if isinstance(consumer, str):
-            self.notify("event_routed", device, record, consumer)
+        outcome = self.route(device, record)
+        if isinstance(outcome, Outcome):
+            self.notify("event_routed", device, record, outcome)
         else:
-            self.spawn(self._routed_later(device, record, consumer))
+            self.spawn(self._routed_later(device, record, outcome))
 
-    async def _routed_later(self, device: Device, record: EventRecord, consumer: Awaitable[str]) -> None:
-        self.notify("event_routed", device, record, await consumer)
+    async def _routed_later(self, device: Device, record: EventRecord, outcome: Awaitable[Outcome]) -> None:
+        self.notify("event_routed", device, record, await outcome)
 
-    def route(self, device: Device, record: EventRecord) -> str | Awaitable[str]:
+    def route(self, device: Device, record: EventRecord) -> Outcome | Awaitable[Outcome]:
         """Deliver ``record`` to exactly one consumer; returns who took it (or, when
         the launcher must ask someone first, an awaitable that does)."""
         holder = device.data_holder
@@ -386,16 +387,16 @@ class DeviceManager:
                 self.notify("event_queued", holder, record)
             device.undelivered(dropped, "event queue full, dropped the oldest", session=holder.number,
                                client=holder.client.name, dropped=holder.events_dropped)
-            return f"queue: session {holder.number} ({holder.client.name})"
+            return Outcome.queued(holder.number, holder.client.name)
         if device.held_by_program():
             device.undelivered(1, "the device is held by another program", level="info",
                                event_name=record.name, sequence=record.sequence)
-            return "none: held by another program"
+            return Outcome.nobody("held by another program")
         if self.launcher is not None:
             return self.launcher(device, record)
         device.undelivered(1, "no application registered", level="info", event_name=record.name,
                            sequence=record.sequence)
-        return "none: no application registered"
+        return Outcome.nobody("no application registered")
 
     # -- lifetime -----------------------------------------------------------------
     async def start(self, backends: list[Backend]) -> None:

@@ -29,6 +29,7 @@ from stillsvc.core.events import EventMonitor
 from stillsvc.core.listener import Listener
 from stillsvc.core.manager import DeviceManager
 from stillsvc.core.registry import Registry
+from stillsvc.core.routing import Consumer, Outcome
 from stillsvc.core.sessions import Client, EventRecord, Session
 from stillsvc.driver import Mode
 from stillsvc.drivers.sim import SimulatedScanner
@@ -44,9 +45,11 @@ class Routed(Listener):
         self.changed: list[str] = []
         self.event = asyncio.Event()
         self.queued: list[tuple[Session, EventRecord]] = []
+        self.outcomes: list[Outcome] = []
 
-    def event_routed(self, device: Device, record: EventRecord, consumer: str) -> None:
-        self.routed.put_nowait((record, consumer))
+    def event_routed(self, device: Device, record: EventRecord, outcome: Outcome) -> None:
+        self.outcomes.append(outcome)
+        self.routed.put_nowait((record, str(outcome)))  # as the D-Bus front-end renders it
 
     def device_changed(self, device: Device, names: list[str]) -> None:
         self.changed += names
@@ -74,9 +77,9 @@ class Launcher:
     def __init__(self) -> None:
         self.calls: list[EventRecord] = []
 
-    def __call__(self, device: Device, record: EventRecord) -> str:
+    def __call__(self, device: Device, record: EventRecord) -> Outcome:
         self.calls.append(record)
-        return f"launch: fake for {record.name} #{record.sequence}"
+        return Outcome.launched("fake", f"fake for {record.name} #{record.sequence}")
 
 
 class Rig:
@@ -144,6 +147,8 @@ async def test_the_data_mode_holder_gets_the_event_in_its_queue_and_the_launcher
     rig.press("copy")
     record, consumer = await rig.routed.next()
     assert consumer == f"queue: session {holder.number} (holder)"
+    assert rig.routed.outcomes[-1] == Outcome(Consumer.QUEUE, f"session {holder.number} (holder)",
+                                              session=holder.number)
     assert rig.routed.queued == [(holder, record)]
     assert holder.next_event() == record
     with pytest.raises(Empty):
@@ -184,7 +189,7 @@ async def test_a_launcher_that_takes_a_while_reports_where_the_event_went_when_i
 
         async def deliver() -> str:
             await gate.wait()
-            return "launch: after asking"
+            return Outcome.launched("fake", "after asking")
 
         return deliver()
 

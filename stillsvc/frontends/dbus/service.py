@@ -30,6 +30,7 @@ from stillsvc.common.names import (
 from stillsvc.core.devices import Device
 from stillsvc.core.listener import Listener
 from stillsvc.core.manager import DeviceManager
+from stillsvc.core.routing import Outcome
 from stillsvc.core.sessions import Client, EventRecord, Session
 from stillsvc.frontends.dbus import extensions
 from stillsvc.frontends.dbus.authority import Authority
@@ -248,8 +249,8 @@ class Service(Listener):
     def unwatch_events(self, name: str | None) -> None:
         self.event_watchers.discard(name)  # type: ignore[arg-type]
 
-    def event_routed(self, device: Device, record: EventRecord, consumer: str) -> None:
-        body = [device_path(device.id), record.name, record.sequence, int(record.timestamp * 1_000_000), consumer,
+    def event_routed(self, device: Device, record: EventRecord, outcome: Outcome) -> None:
+        body = [device_path(device.id), record.name, record.sequence, int(record.timestamp * 1_000_000), str(outcome),
                 to_vardict(record.data)]
         for watcher in list(self.event_watchers):
             self.bus.unicast_signal(watcher, ROOT_PATH, MANAGER_IFACE, "EventRouted", "ostxsa{sv}", body)
