@@ -28,7 +28,7 @@ import os
 import re
 import tempfile
 import time
-from collections.abc import Iterable
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -40,6 +40,9 @@ from stillsvc.common.names import valid_device_id
 from stillsvc.core.config import Limits
 
 log = structlog.get_logger(__name__)
+
+#: A front-end's "may this caller manage others' registrations?" (answers or raises AccessDenied).
+ManageCheck = Callable[[], Awaitable[bool]]
 
 FILE_NAME = "registrations.json"
 FORMAT_VERSION = 1
@@ -374,6 +377,66 @@ class Registry:
         return default
 
     # -- the file ---------------------------------------------------------------------------------
+    # -- the use cases, for any front-end ------------------------------------------------
+    # ``may_manage`` is the front-end's question "may this caller manage others'
+    # registrations?" (polkit's manage action on the system bus): asked only when the
+    # request needs it; it answers or raises AccessDenied.
+
+    async def register_as(self, uid: int | None, name: str, command: list[str], events: list[str],
+                          devices: list[str], scope: str, may_manage: ManageCheck) -> Registration:
+        admin = await may_manage() if scope == SYSTEM else None
+        return await self.register(uid, name, command, events, devices, scope, admin=admin)
+
+    async def unregister_as(self, uid: int | None, name: str, scope: str, owner: int | None,
+                            may_manage: ManageCheck) -> None:
+        """Remove a registration: one's own (``owner`` None or the caller), a
+        system-wide one, or — for administrators — another user's."""
+        if owner is not None and owner != uid:
+            if scope == SYSTEM:
+                raise InvalidArgument("a system-wide registration has no owning user")
+            if not await may_manage():
+                raise AccessDenied("only administrators may remove other users' applications")
+            if self.get(USER, owner, name) is None:
+                raise NotFound(f"user {owner} has no application registered as {quote(name)}")
+            await self.unregister(owner, name, USER)
+            return
+        admin = await may_manage() if scope == SYSTEM else None
+        await self.unregister(uid, name, scope, admin=admin)
+
+    async def set_default_as(self, uid: int | None, device_id: str, event: str, ref: str,
+                             may_manage: ManageCheck) -> Default | None:
+        """Set or clear a default; what the caller may not do as a user it may do as
+        an administrator (someone else's default, user:UID:NAME)."""
+        try:
+            return await self.set_default(uid, device_id, event, ref)
+        except AccessDenied:
+            if not await may_manage():
+                raise
+            return await self.set_default(uid, device_id, event, ref, admin=True)
+
+    @staticmethod
+    def ref_for(registration: Registration, viewer: int | None) -> str:
+        """How ``viewer`` names a registration: NAME, system:NAME or user:UID:NAME."""
+        if registration.scope == SYSTEM:
+            return registration.ref
+        if registration.uid == viewer:
+            return registration.name
+        return f"user:{registration.uid}:{registration.name}"
+
+    def describe_for(self, registration: Registration, viewer: int | None) -> dict[str, Any]:
+        """A registration as ``viewer`` sees it (plain values; front-ends type them)."""
+        return {
+            "id": self.ref_for(registration, viewer),
+            "name": registration.name,
+            "scope": registration.scope,
+            "uid": registration.uid,
+            "command": list(registration.command),
+            "events": list(registration.events),
+            "devices": list(registration.devices),
+            "created_us": int(registration.created * 1_000_000),
+            "default_for": [[d.device_id, d.event] for d in self.defaults if d.target == registration.key],
+        }
+
     async def _commit(self, state: _State) -> None:
         """Save ``state``, then make it current; on failure nothing changes."""
         async with self._save_lock:

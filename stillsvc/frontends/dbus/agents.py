@@ -20,11 +20,11 @@ from typing import TYPE_CHECKING, Any
 import structlog
 from dbus_fast import Message, MessageType, Variant
 
-from stillsvc.common.errors import AccessDenied, InvalidArgument, NotFound, quote
+from stillsvc.common.errors import AccessDenied, InvalidArgument, quote
 from stillsvc.common.names import AGENT_IFACE
 from stillsvc.core.agents import Agent, AgentError, ChoiceRequest, LaunchRequest
 from stillsvc.core.events import EventMonitor
-from stillsvc.core.registry import SYSTEM, USER, Registration
+from stillsvc.core.registry import SYSTEM, USER, ManageCheck, Registration
 from stillsvc.frontends.dbus.authority import MANAGE
 from stillsvc.frontends.dbus.variants import check_options, integer_option
 
@@ -34,6 +34,10 @@ if TYPE_CHECKING:
 log = structlog.get_logger(__name__)
 
 _PATH_RE = re.compile(r"^/([A-Za-z0-9_]+(/[A-Za-z0-9_]+)*)?$")
+
+
+_DESCRIPTION_TYPES = {"id": "s", "name": "s", "scope": "s", "uid": "u", "command": "as", "events": "as",
+                      "devices": "as", "created_us": "x", "default_for": "a(ss)"}
 
 
 def _bool_option(options: dict[str, Variant], key: str) -> bool:
@@ -118,62 +122,40 @@ class AgentBridge:
             raise AccessDenied("the bus did not tell the service which user is calling")
         return client.uid
 
-    def ref(self, registration: Registration, viewer: int | None) -> str:
-        """How ``viewer`` names a registration: NAME, system:NAME or user:UID:NAME."""
-        if registration.scope == SYSTEM:
-            return registration.ref
-        if registration.uid == viewer:
-            return registration.name
-        return f"user:{registration.uid}:{registration.name}"
-
     def describe(self, registration: Registration, viewer: int | None) -> dict[str, Variant]:
-        defaults = [[d.device_id, d.event] for d in self.registry.defaults if d.target == registration.key]
-        return {
-            "id": Variant("s", self.ref(registration, viewer)),
-            "name": Variant("s", registration.name),
-            "scope": Variant("s", registration.scope),
-            "uid": Variant("u", registration.uid),
-            "command": Variant("as", list(registration.command)),
-            "events": Variant("as", list(registration.events)),
-            "devices": Variant("as", list(registration.devices)),
-            "created_us": Variant("x", int(registration.created * 1_000_000)),
-            "default_for": Variant("a(ss)", defaults),
-        }
+        plain = self.registry.describe_for(registration, viewer)
+        return {name: Variant(_DESCRIPTION_TYPES[name], value) for name, value in plain.items()}
 
-    async def _admin(self, sender: str | None, uid: int) -> bool:
+    def _may_manage(self, sender: str | None, uid: int) -> ManageCheck:
         """Whether the caller may manage system-wide registrations and others' ones: polkit's
         manage action when the service asks polkit, otherwise root and the service's user."""
-        authority = getattr(self.service, "authority", None)
-        if authority is not None and authority.mode == "polkit":
-            await authority.require(sender, MANAGE)
-            return True
-        return self.registry.is_admin(uid)
+
+        async def check() -> bool:
+            authority = getattr(self.service, "authority", None)
+            if authority is not None and authority.mode == "polkit":
+                await authority.require(sender, MANAGE)
+                return True
+            return self.registry.is_admin(uid)
+
+        return check
 
     async def register_application(self, sender: str | None, name: str, command: list[str], events: list[str],
                                    devices: list[str], options: dict[str, Variant]) -> None:
         check_options(options, {"system"})
         scope = SYSTEM if _bool_option(options, "system") else USER
         uid = await self._uid(sender)
-        admin = await self._admin(sender, uid) if scope == SYSTEM else None
-        await self.registry.register(uid, name, command, events, devices, scope, admin=admin)
+        await self.registry.register_as(uid, name, command, events, devices, scope, self._may_manage(sender, uid))
 
     async def unregister_application(self, sender: str | None, name: str, options: dict[str, Variant]) -> None:
         check_options(options, {"system", "uid"})
         uid = await self._uid(sender)
         scope = SYSTEM if _bool_option(options, "system") else USER
+        owner = None
         if "uid" in options:
-            owner = integer_option(options, "uid", uid, 0, 2**32 - 1)
             if scope == SYSTEM:
                 raise InvalidArgument("options system and uid cannot be combined")
-            if owner != uid and not await self._admin(sender, uid):
-                raise AccessDenied("only administrators may remove other users' applications")
-            registration = self.registry.get(USER, owner, name)
-            if registration is None:
-                raise NotFound(f"user {owner} has no application registered as {quote(name)}")
-            await self.registry.unregister(owner, name, USER)
-            return
-        admin = await self._admin(sender, uid) if scope == SYSTEM else None
-        await self.registry.unregister(uid, name, scope, admin=admin)
+            owner = integer_option(options, "uid", uid, 0, 2**32 - 1)
+        await self.registry.unregister_as(uid, name, scope, owner, self._may_manage(sender, uid))
 
     async def list_applications(self, sender: str | None) -> list[dict[str, Variant]]:
         uid = await self._uid(sender)
@@ -181,12 +163,4 @@ class AgentBridge:
 
     async def set_default(self, sender: str | None, device_id: str, event: str, application: str) -> None:
         uid = await self._uid(sender)
-        try:
-            await self.registry.set_default(uid, device_id, event, application)
-        except AccessDenied:
-            # Someone else's default, or user:UID:NAME: only for those polkit lets manage.
-            authority = getattr(self.service, "authority", None)
-            if authority is None or authority.mode != "polkit":
-                raise
-            await authority.require(sender, MANAGE)
-            await self.registry.set_default(uid, device_id, event, application, admin=True)
+        await self.registry.set_default_as(uid, device_id, event, application, self._may_manage(sender, uid))
