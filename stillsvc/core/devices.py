@@ -147,6 +147,12 @@ class Device:
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(self.executor, fn, *args)
 
+    def mark_disconnected(self) -> None:
+        """The device has gone: every use of it fails with Disconnected from now on."""
+        self.disconnected = True
+        if self._outside_watch is not None:
+            self._outside_watch.cancel()
+
     def check_usable(self) -> None:
         if self.disconnected:
             raise Disconnected(f"device {self.id} has been disconnected")

@@ -202,9 +202,7 @@ class DeviceManager:
         device = self.devices.pop(device_id, None)
         if device is None:
             return
-        device.disconnected = True
-        if device._outside_watch is not None:
-            device._outside_watch.cancel()
+        device.mark_disconnected()
         for session in list(device.sessions):
             for job in list(session.jobs):
                 job.stop("the device was disconnected", Disconnected)

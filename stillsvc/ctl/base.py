@@ -14,12 +14,13 @@ from dataclasses import dataclass
 from typing import Any
 
 from stillsvc.client import Client, parse_bus
+from stillsvc.common.limits import MAX_WAIT_MS
 from stillsvc.common.names import IFACE_PREFIX
 
 PROG = "stillctl"
 
 #: The longest wait the service accepts for data mode or the device lock (seconds).
-MAX_WAIT = 600.0
+MAX_WAIT = MAX_WAIT_MS / 1000
 #: After ``lock``'s command ends, how long to wait for the service to take the device back.
 TAKE_BACK_WAIT = 3.0
 

@@ -29,6 +29,7 @@ from stillsvc.client import (
 )
 from stillsvc.common.names import AGENTS_PATH, BUS_NAME
 from stillsvc.ctl.base import (
+    MAX_WAIT,
     Ctl,
     CtlError,
     arg,
@@ -184,7 +185,7 @@ async def cmd_events(ctl: Ctl, args: argparse.Namespace) -> int:
     stop = asyncio.Event()
     for signum in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(signum, stop.set)
-    wait = max(0.0, min(600.0, args.wait))
+    wait = max(0.0, min(MAX_WAIT, args.wait))
     session = await ctl.client.manager.open_session(args.device, "data", wait=wait)
     async with session:
         await session.subscribe()
