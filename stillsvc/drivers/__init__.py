@@ -3,10 +3,9 @@ matcher that picks the driver for a discovered candidate."""
 
 from __future__ import annotations
 
-from importlib.metadata import entry_points
-
 import structlog
 
+from stillsvc.common import plugins
 from stillsvc.driver import Minidriver, match
 
 log = structlog.get_logger(__name__)
@@ -17,16 +16,11 @@ GROUP = "stillsvc.drivers"
 def discover() -> dict[str, type[Minidriver]]:
     """Every installed driver class by name. A broken plugin is logged and skipped."""
     found: dict[str, type[Minidriver]] = {}
-    for ep in entry_points(group=GROUP):
-        try:
-            cls = ep.load()
-        except Exception as e:  # a third-party plugin must not stop the service
-            log.error("driver plugin failed to load", plugin=ep.name, error=str(e))
-            continue
+    for name, cls in plugins.load(GROUP):
         if not (isinstance(cls, type) and issubclass(cls, Minidriver)):
-            log.error("driver plugin is not a Minidriver subclass", plugin=ep.name)
+            log.error("driver plugin is not a Minidriver subclass", plugin=name)
             continue
-        found[cls.name or ep.name] = cls
+        found[cls.name or name] = cls
     if "sim" not in found:  # running from a source tree without installed metadata
         from stillsvc.drivers.sim import SimulatedScanner
 

@@ -22,12 +22,9 @@ while the device is unplugged, if the driver was kept to report it back.
 
 from __future__ import annotations
 
-from importlib.metadata import entry_points
 from typing import Any
 
-import structlog
-
-log = structlog.get_logger(__name__)
+from stillsvc.common import plugins
 
 GROUP = "stillsvc.dbus_interfaces"
 
@@ -35,13 +32,8 @@ GROUP = "stillsvc.dbus_interfaces"
 def discover() -> dict[str, list[type[Any]]]:
     """Interface classes by driver name. A broken plugin is logged and skipped."""
     found: dict[str, list[type[Any]]] = {}
-    for ep in entry_points(group=GROUP):
-        try:
-            cls = ep.load()
-        except Exception as e:  # a third-party plugin must not stop the service
-            log.error("D-Bus interface plugin failed to load", plugin=ep.name, error=str(e))
-            continue
-        found.setdefault(ep.name, []).append(cls)
+    for driver_name, cls in plugins.load(GROUP):
+        found.setdefault(driver_name, []).append(cls)
     if "sim" not in found:  # running from a source tree without installed metadata
         from stillsvc.frontends.dbus.simulator import SimulatorInterface
 
