@@ -5,19 +5,25 @@
                                [--device ID] [--json]
     python3 bench/roundtrip.py --concurrency C [--duration S] [--phase S] [--address ADDR] [--json]
 
-Latency mode (the default): one client connection, one call in flight at a time.
+Latency mode (the default): one client, one call in flight at a time. The
+service's methods are called through the client library (:mod:`stillsvc.client`);
+the baseline, ``org.freedesktop.DBus.Peer.Ping`` on the service's root object, is
+a raw dbus-fast message on a second connection of the same process (the
+library's connection is its own), and so is a raw ``Manager.GetDevices`` next to
+the library's: their ratio is what the library itself adds to a call.
 Each method is called ``--count`` times; the methods take turns in blocks of
 ``--block`` calls, in an order that rotates every round and reverses every other
-round, so slow drift (CPU frequency, other load) lands on all of them alike. The
-baseline is ``org.freedesktop.DBus.Peer.Ping`` on the service's root object: the
-same path through the bus daemon and into the service's connection, answered by
-the D-Bus library itself with no service code, so every ratio is "what the
-service adds on top of the bus".
+round, so slow drift (CPU frequency, other load) lands on all of them alike. Ping
+takes the same path through the bus daemon and into the service's connection,
+answered by the D-Bus library itself with no service code, so every ratio is
+"what the service (and, for the library's calls, the client library) adds on top
+of the bus".
 
-Throughput mode (``--concurrency C``): C caller processes, each with its own
-connection and one call in flight, alternate between Ping and GetDevices in
-synchronised phases (order Ping, GetDevices, GetDevices, Ping, ...); the figure is
-completed calls per second for each, and their ratio.
+Throughput mode (``--concurrency C``): C caller processes, each with one call in
+flight (a library client and a raw connection each), alternate between Ping
+(raw), GetDevices (library) and GetDevices (raw) in synchronised phases (order
+A B C C B A ...); the figure is completed calls per second for each, and their
+ratios.
 
 Without ``--address`` a private ``dbus-daemon --session`` and ``stillsvc --simulate``
 are started for the run and stopped afterwards.
@@ -52,55 +58,71 @@ for _p in (REPO, REPO / "tests"):
 
 from dbus_fast import DBusError, Message, MessageType  # noqa: E402
 from dbus_fast.aio import MessageBus  # noqa: E402
-from helpers import Daemon, DBusDaemon, connect, create_session, wait_for_name  # noqa: E402
+from helpers import Daemon, DBusDaemon, connect  # noqa: E402
 
-from stillsvc.common.names import (  # noqa: E402
-    BUS_NAME,
-    DEVICE_IFACE,
-    MANAGER_IFACE,
-    ROOT_PATH,
-    SESSION_IFACE,
-    device_path,
-)
+from stillsvc.client import Client  # noqa: E402
+from stillsvc.common.names import BUS_NAME, DEVICE_IFACE, MANAGER_IFACE, ROOT_PATH  # noqa: E402
 
 PEER = "org.freedesktop.DBus.Peer"
 PROPERTIES = "org.freedesktop.DBus.Properties"
 TARGET_RATIO = 1.5
 CALL_TIMEOUT = 10.0
 
-# A method under test: a name, whether it does device I/O, and a factory for a
-# fresh Message (each send needs its own serial, so messages are not reused).
-MessageFactory = Callable[[], Message]
+RAW_GETDEVICES = "Manager.GetDevices (raw)"
+
+# One call of a method under test (awaited once per sample).
+Call = Callable[[], Awaitable[Any]]
 
 
-def _factory(path: str, interface: str, member: str, signature: str = "",
-             body: list[Any] | None = None) -> MessageFactory:
+def raw_call(bus: MessageBus, path: str, interface: str, member: str, signature: str = "",
+             body: list[Any] | None = None) -> Call:
+    """A call as a bare dbus-fast message: the baseline, and the reference that shows
+    what the client library adds. Each send builds a fresh Message (each needs its
+    own serial, so messages are not reused)."""
     body = body or []
 
-    def make() -> Message:
-        return Message(destination=BUS_NAME, path=path, interface=interface, member=member,
-                       signature=signature, body=body)
+    async def once() -> None:
+        reply = await bus.call(Message(destination=BUS_NAME, path=path, interface=interface, member=member,
+                                       signature=signature, body=body))
+        if reply.message_type is MessageType.ERROR:
+            raise DBusError(reply.error_name, reply.body[0] if reply.body else "")
 
-    return make
+    return once
 
 
-def method_table(device: str, session_path: str | None) -> list[tuple[str, bool, MessageFactory]]:
-    dev = device_path(device)
+def ping(bus: MessageBus) -> Call:
+    """The baseline, raw: Peer.Ping on the service's root object."""
+    return raw_call(bus, ROOT_PATH, PEER, "Ping")
+
+
+def library_getdevices(client: Client) -> Call:
+    """``Manager.GetDevices`` through the library. The library wraps no GetDevices
+    (``Manager.devices()`` is one ``GetManagedObjects``), so this is its documented
+    call for what the typed objects do not cover, :meth:`Client.call`."""
+    return lambda: client.call(ROOT_PATH, MANAGER_IFACE, "GetDevices")
+
+
+def raw_getdevices(bus: MessageBus) -> Call:
+    return raw_call(bus, ROOT_PATH, MANAGER_IFACE, "GetDevices")
+
+
+def method_table(client: Client, raw: MessageBus, device_path: str,
+                 session: Any | None) -> list[tuple[str, bool, Call]]:
+    """The methods under test: a name, whether it does device I/O, one call.
+    ``raw``: the second connection, for the baseline and the raw reference."""
     table = [
-        ("Ping", False, _factory(ROOT_PATH, PEER, "Ping")),
-        ("Manager.GetDevices", False, _factory(ROOT_PATH, MANAGER_IFACE, "GetDevices")),
-        ("Get(Manager.Version)", False, _factory(ROOT_PATH, PROPERTIES, "Get", "ss", [MANAGER_IFACE, "Version"])),
-        ("Get(Device.State)", False, _factory(dev, PROPERTIES, "Get", "ss", [DEVICE_IFACE, "State"])),
+        ("Ping", False, ping(raw)),
+        ("Manager.GetDevices", False, library_getdevices(client)),
+        (RAW_GETDEVICES, False, raw_getdevices(raw)),
+        ("Get(Manager.Version)", False, client.manager.version),
+        # The library reads a device's properties only all together (Device.info(),
+        # GetManagedObjects); one property is Client.call, its escape hatch.
+        ("Get(Device.State)", False,
+         lambda: client.call(device_path, PROPERTIES, "Get", "ss", [DEVICE_IFACE, "State"])),
     ]
-    if session_path is not None:
-        table.append(("Session.GetStatus", True, _factory(session_path, SESSION_IFACE, "GetStatus")))
+    if session is not None:
+        table.append(("Session.GetStatus", True, session.status))
     return table
-
-
-async def roundtrip(bus: MessageBus, make: MessageFactory) -> None:
-    reply = await bus.call(make())
-    if reply.message_type is MessageType.ERROR:
-        raise DBusError(reply.error_name, reply.body[0] if reply.body else "")
 
 
 # -- statistics -------------------------------------------------------------------
@@ -169,11 +191,10 @@ def service(address: str | None, *extra: str, name: str = "roundtrip") -> Iterat
 
 
 async def ensure_name(address: str) -> None:
-    bus = await connect(address)
-    try:
-        await wait_for_name(bus, timeout=5.0)
-    finally:
-        bus.disconnect()
+    """ServiceNotRunning (from the library) unless stillsvc owns its name on ``address``."""
+    client = Client(address, timeout=5.0)
+    await client.connect()
+    client.disconnect()
 
 
 # -- latency mode -----------------------------------------------------------------
@@ -188,6 +209,17 @@ def block_order(names: list[str], round_number: int) -> list[str]:
 
 
 Timed = Callable[[], Awaitable[int]]
+
+clock = time.perf_counter_ns
+
+
+def timed(fn: Call) -> Timed:
+    """One call of ``fn``, returning the nanoseconds it took."""
+    async def once() -> int:
+        t0 = clock()
+        await fn()
+        return clock() - t0
+    return once
 
 
 async def interleaved(kinds: dict[str, Timed], count: int, block: int,
@@ -224,35 +256,59 @@ async def interleaved(kinds: dict[str, Timed], count: int, block: int,
     return samples, round_medians
 
 
+def library_figures(samples: dict[str, list[int]], round_medians: list[dict[str, float]],
+                    library: str, raw: str) -> dict[str, Any]:
+    """What the client library adds: a call through it against the same call raw,
+    from one interleaved run."""
+    lib_s, raw_s = summarise(samples[library]), summarise(samples[raw])
+    per_round = [r[library] / r[raw] for r in round_medians if library in r and raw in r]
+    return {
+        "what": f"{library} through stillsvc.client / the same call raw",
+        "library_median_us": lib_s["median_us"], "raw_median_us": raw_s["median_us"],
+        "ratio_median": lib_s["median_us"] / raw_s["median_us"],
+        "ratio_p99": lib_s["p99_us"] / raw_s["p99_us"],
+        "added_median_us": lib_s["median_us"] - raw_s["median_us"],
+        "ratio_per_round": {"min": min(per_round), "median": statistics.median(per_round), "max": max(per_round),
+                            "rounds": len(per_round)},
+    }
+
+
+async def library_cost(client: Client, raw: MessageBus, count: int = 1000, block: int = 100,
+                       warmup: int = 100) -> dict[str, Any]:
+    """The library's own cost in another benchmark's run: GetDevices through the
+    library against GetDevices raw, interleaved as in the latency mode."""
+    kinds = {"Manager.GetDevices": timed(library_getdevices(client)), RAW_GETDEVICES: timed(raw_getdevices(raw))}
+    samples, round_medians = await interleaved(kinds, count, block, warmup)
+    out = library_figures(samples, round_medians, "Manager.GetDevices", RAW_GETDEVICES)
+    out["count"] = count
+    return out
+
+
+def print_library_cost(cost: dict[str, Any]) -> None:
+    pr = cost["ratio_per_round"]
+    print(f"Library cost, same run: GetDevices through stillsvc.client {cost['library_median_us']:.1f} µs, "
+          f"raw {cost['raw_median_us']:.1f} µs (medians of {cost['count']}) → ×{cost['ratio_median']:.2f} "
+          f"(+{cost['added_median_us']:.1f} µs per call; per round {pr['min']:.2f} – {pr['max']:.2f})")
+
+
 async def latency(address: str, count: int, block: int, warmup: int, device: str,
                   with_status: bool) -> dict[str, Any]:
-    bus = await connect(address)
+    client = await Client(address, timeout=CALL_TIMEOUT).connect()
+    raw = await connect(address)  # the raw baseline's connection (the library's is its own)
     session = None
     try:
+        dev = await client.manager.find_device(device)
         if with_status:
-            session = await create_session(bus, device, "status")
-        table = method_table(device, session)
-        clock = time.perf_counter_ns
-
-        def timed(make: MessageFactory) -> Timed:
-            async def once() -> int:
-                t0 = clock()
-                reply = await bus.call(make())
-                t1 = clock()
-                if reply.message_type is MessageType.ERROR:
-                    raise DBusError(reply.error_name, reply.body[0] if reply.body else "")
-                return t1 - t0
-            return once
-
-        samples, round_medians = await interleaved({name: timed(make) for name, _, make in table},
+            session = await client.manager.open_session(device, "status")
+        table = method_table(client, raw, dev.path, session)
+        samples, round_medians = await interleaved({name: timed(fn) for name, _, fn in table},
                                                    count, block, warmup)
     finally:
-        if session is not None and bus.connected:
-            try:
-                await roundtrip(bus, _factory(session, SESSION_IFACE, "Close"))
-            except DBusError:
+        if session is not None:
+            async with session:  # closes it; gone already is fine
                 pass
-        bus.disconnect()
+        client.disconnect()
+        raw.disconnect()
 
     results = []
     base = summarise(samples["Ping"])
@@ -274,6 +330,7 @@ async def latency(address: str, count: int, block: int, warmup: int, device: str
             "min": min(per_round), "median": statistics.median(per_round), "max": max(per_round),
             "rounds": len(per_round),
         },
+        "library": library_figures(samples, round_medians, "Manager.GetDevices", RAW_GETDEVICES),
         "target": {"what": f"GetDevices/Ping median ratio <= {TARGET_RATIO}", "ratio": ratio,
                    "met": ratio <= TARGET_RATIO},
     }
@@ -306,30 +363,39 @@ def print_latency(report: dict[str, Any]) -> None:
     pr = report["getdevices_ratio_per_round"]
     print(f"\nGetDevices/Ping median ratio per round ({pr['rounds']} rounds of {report['block']}): "
           f"min {pr['min']:.2f}, median {pr['median']:.2f}, max {pr['max']:.2f}")
+    lib = report["library"]
+    lr = lib["ratio_per_round"]
+    print(f"Library cost: GetDevices through stillsvc.client / raw GetDevices: median ×{lib['ratio_median']:.2f} "
+          f"(+{lib['added_median_us']:.1f} µs per call), p99 ×{lib['ratio_p99']:.2f}; "
+          f"per round min {lr['min']:.2f}, median {lr['median']:.2f}, max {lr['max']:.2f}")
     t = report["target"]
     print(f"GetDevices/Ping median ratio ≤ {TARGET_RATIO}: {'met' if t['met'] else 'not met'} ({t['ratio']:.2f})")
 
 
 # -- throughput mode --------------------------------------------------------------
 
-THROUGHPUT_METHODS = ("Ping", "Manager.GetDevices")
+THROUGHPUT_METHODS = ("Ping", "Manager.GetDevices", RAW_GETDEVICES)
+_PHASE_ORDER = (0, 1, 2, 2, 1, 0)
 
 
 def phase_method(k: int) -> int:
-    """ABBA order: Ping, GetDevices, GetDevices, Ping, Ping, GetDevices, ..."""
-    return (k + 1) // 2 % 2
+    """ABCCBA order: Ping, GetDevices (library), GetDevices (raw), GetDevices (raw),
+    GetDevices (library), Ping, Ping, ... (a linear drift lands on all three alike)."""
+    return _PHASE_ORDER[k % len(_PHASE_ORDER)]
 
 
 def _worker(index: int, address: str, warmup: int, phases: int, phase: float,
             ready: Any, start: Any, t0: Any, results: Any) -> None:
     async def run() -> list[int]:
-        bus = await connect(address)
+        client = await Client(address, timeout=CALL_TIMEOUT).connect()
+        bus = await connect(address)  # the raw baseline's connection
         try:
-            table = {name: make for name, _, make in method_table("sim0", None) if name in THROUGHPUT_METHODS}
-            makers = [table[name] for name in THROUGHPUT_METHODS]
-            for make in makers:
+            calls = {"Ping": ping(bus), "Manager.GetDevices": library_getdevices(client),
+                     RAW_GETDEVICES: raw_getdevices(bus)}
+            makers = [calls[name] for name in THROUGHPUT_METHODS]
+            for fn in makers:
                 for _ in range(warmup):
-                    await roundtrip(bus, make)
+                    await fn()
             ready.put(index)
             start.wait()  # nothing else runs on this loop meanwhile
             begin = t0.value
@@ -345,14 +411,13 @@ def _worker(index: int, address: str, warmup: int, phases: int, phase: float,
                 k = int((now - begin) / phase)
                 if k >= phases:
                     break
-                reply = await bus.call(makers[phase_method(k)]())
-                if reply.message_type is MessageType.ERROR:
-                    raise DBusError(reply.error_name, reply.body[0] if reply.body else "")
+                await makers[phase_method(k)]()
                 if int((clock() - begin) / phase) == k:  # calls that straddle a boundary don't count
                     counts[k] += 1
             gc.enable()
             return counts
         finally:
+            client.disconnect()
             bus.disconnect()
 
     try:
@@ -367,7 +432,7 @@ def throughput(address: str, concurrency: int, duration: float, phase: float, wa
     start = ctx.Event()
     t0 = ctx.Value("d", 0.0)
     per_method = max(1, round(duration / phase))
-    phases = 2 * per_method
+    phases = len(THROUGHPUT_METHODS) * per_method
     procs = [ctx.Process(target=_worker, args=(i, address, warmup, phases, phase, ready, start, t0, results))
              for i in range(concurrency)]
     for p in procs:
@@ -396,7 +461,7 @@ def throughput(address: str, concurrency: int, duration: float, phase: float, wa
             p.join(10)
             if p.is_alive():
                 p.terminate()
-    totals = [0, 0]
+    totals = [0] * len(THROUGHPUT_METHODS)
     for k, n in enumerate(per_phase):
         totals[phase_method(k)] += n
     seconds = per_method * phase
@@ -408,18 +473,23 @@ def throughput(address: str, concurrency: int, duration: float, phase: float, wa
         "phase_s": phase,
         "calls_per_s": rates,
         "ratio": rates["Manager.GetDevices"] / rates["Ping"],
+        "raw_ratio": rates[RAW_GETDEVICES] / rates["Ping"],
+        "library_ratio": rates["Manager.GetDevices"] / rates[RAW_GETDEVICES],
     }
 
 
 def print_throughput(report: dict[str, Any]) -> None:
     rates = report["calls_per_s"]
     width = max(len(n) for n in rates)
-    print(f"{report['concurrency']} concurrent callers (one connection and one call in flight each), "
+    print(f"{report['concurrency']} concurrent callers (a library client and a raw connection, one call in flight "
+          f"each), "
           f"{report['seconds_per_method']:.1f} s per method in {report['phase_s']} s phases")
     print(f"{'method'.ljust(width)}  {'calls/s':>9}")
     for name, rate in rates.items():
         print(f"{name.ljust(width)}  {rate:9.0f}")
     print(f"GetDevices/Ping throughput ratio: {report['ratio']:.2f}")
+    print(f"raw GetDevices/Ping throughput ratio: {report['raw_ratio']:.2f}; "
+          f"library cost: GetDevices through stillsvc.client / raw: {report['library_ratio']:.2f}")
 
 
 # -- main -------------------------------------------------------------------------

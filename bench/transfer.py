@@ -19,6 +19,12 @@ fraction of a bare pipe's speed a scan reaches through the service".
 ``--formats`` adds a table of every format at 300 dpi: throughput in raw-equivalent
 pixel bytes per second and the ratio to ``raw`` from the same run.
 
+The session, the item and every transfer go through the client library
+(:mod:`stillsvc.client`: ``open_session``, ``Session.items``, ``Item.write``,
+``Item.transfer`` with the pipe's descriptor). A last line gives the library's
+own cost per call in the same run (GetDevices through it against raw, on a
+second, raw connection).
+
 Without ``--address`` a private ``dbus-daemon --session`` and ``stillsvc --simulate``
 are started for the run (as in ``bench/roundtrip.py``) and stopped afterwards.
 """
@@ -33,7 +39,7 @@ import statistics
 import sys
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -42,12 +48,10 @@ for _p in (REPO, REPO / "tests", REPO / "bench"):
     if str(_p) not in sys.path:
         sys.path.insert(0, str(_p))
 
-from dbus_fast import DBusError, Message, MessageType, Variant  # noqa: E402
-from dbus_fast.aio import MessageBus  # noqa: E402
-from helpers import call, connect, create_session, get_property  # noqa: E402
-from roundtrip import emit, percentile, service, table  # noqa: E402
+from helpers import connect  # noqa: E402
+from roundtrip import emit, library_cost, percentile, print_library_cost, service, table  # noqa: E402
 
-from stillsvc.common.names import BUS_NAME, ITEM_IFACE, SESSION_IFACE  # noqa: E402
+from stillsvc.client import Client, Item, Session, TransferSummary  # noqa: E402
 
 READ_SIZE = 1 << 20  # the reader's os.read size, for transfers and copies alike
 WRITE_SIZE = 256 << 10  # the baseline writer's chunk
@@ -113,7 +117,7 @@ class Run:
     first_byte: float  # start to the first byte read
     bytes: int
     reply: float = 0.0  # start to the reply (transfers only)
-    summary: dict[str, Any] = field(default_factory=dict)
+    summary: TransferSummary | None = None
 
     @property
     def mb_per_s(self) -> float:
@@ -122,38 +126,29 @@ class Run:
 
 # -- one transfer, one copy -----------------------------------------------------
 
-async def transfer_once(bus: MessageBus, item: str, fmt: str, size: int | None) -> Run:
-    """Item.Transfer into a pipe; our write end stays open until the reply is in."""
+async def transfer_once(item: Item, fmt: str, size: int | None) -> Run:
+    """Item.transfer into a pipe; our write end stays open until the reply is in."""
     r, w = make_pipe(size)
     reader = Reader(r)
     reader.start()
     loop = asyncio.get_running_loop()
-    msg = Message(destination=BUS_NAME, path=item, interface=ITEM_IFACE, member="Transfer",
-                  signature="hsa{sv}", body=[0, fmt, {}], unix_fds=[w])
     t0 = clock()
     try:
-        reply = await asyncio.wait_for(bus.call(msg), CALL_TIMEOUT)
+        # The descriptor stays ours; on a timeout the library cancels the transfer
+        # in the service (Item.Cancel) and waits for it to end.
+        summary = await asyncio.wait_for(item.transfer(w, fmt), CALL_TIMEOUT)
         t_reply = clock()
-    except BaseException:
-        try:
-            await call(bus, item, ITEM_IFACE, "Cancel")
-        except Exception:
-            pass
-        raise
     finally:
         os.close(w)  # the service has closed its copy by the time it replies
         await loop.run_in_executor(None, reader.join, 60.0)
         if not reader.is_alive():
             os.close(r)
-    if reply.message_type is MessageType.ERROR:
-        raise DBusError(reply.error_name, reply.body[0] if reply.body else "")
     if reader.error is not None:
         raise reader.error
     if reader.is_alive() or reader.t_eof is None:
         raise RuntimeError("the pipe did not reach end of file within 60 s of the reply")
-    summary = {k: v.value for k, v in reply.body[0].items()}
-    if summary.get("bytes") != reader.bytes:
-        raise RuntimeError(f"read {reader.bytes} bytes, the service reports {summary.get('bytes')}")
+    if summary.bytes != reader.bytes:
+        raise RuntimeError(f"read {reader.bytes} bytes, the service reports {summary.bytes}")
     if fmt == "raw" and not reader.head.startswith(b"STIL"):
         raise RuntimeError("the raw stream does not start with its magic")
     first = (reader.t_first or reader.t_eof) - t0
@@ -195,28 +190,27 @@ def copy_once(buffer: memoryview, size: int | None) -> Run:
 
 # -- the session and its Flatbed item ----------------------------------------------
 
-async def open_flatbed(bus: MessageBus, device: str) -> tuple[str, str]:
-    session = await create_session(bus, device, "data")
-    root = await get_property(bus, session, SESSION_IFACE, "RootItem")
-    children = await get_property(bus, root, ITEM_IFACE, "Children")
-    for child in children:
-        if await get_property(bus, child, ITEM_IFACE, "Kind") == "flatbed":
+async def open_flatbed(client: Client, device: str) -> tuple[Session, Item]:
+    session = await client.manager.open_session(device, "data")
+    root = await session.root()
+    for child in await root.children():
+        if (await child.info()).kind == "flatbed":
             return session, child
+    await session.close()
     raise RuntimeError(f"device {device} has no flatbed item")
 
 
-async def configure(bus: MessageBus, item: str, resolution: int, mode: str) -> dict[str, Any]:
-    settings = {"resolution": Variant("u", resolution), "mode": Variant("s", mode)}
+async def configure(item: Item, resolution: int, mode: str) -> dict[str, Any]:
+    settings: dict[str, Any] = {"resolution": resolution, "mode": mode}
     if mode == "lineart":
-        settings["depth"] = Variant("u", 1)
-    await call(bus, item, ITEM_IFACE, "WriteProperties", "a{sv}", [settings])
-    (values,) = await call(bus, item, ITEM_IFACE, "ReadProperties")
-    return {k: v.value for k, v in values.items()}
+        settings["depth"] = 1
+    await item.write(settings)  # each value with the type the item declares for it
+    return await item.read()
 
 
-def pixel_bytes(summary: dict[str, Any]) -> int:
+def pixel_bytes(summary: TransferSummary) -> int:
     """Size of the page's pixels in the raw layout, whatever the format carried them."""
-    width, height, mode, depth = summary["width"], summary["height"], summary["mode"], summary["depth"]
+    width, height, mode, depth = summary.width, summary.height, summary.mode, summary.depth
     if mode == "lineart":
         return (width + 7) // 8 * height
     return width * (3 if mode == "color" else 1) * depth // 8 * height
@@ -247,13 +241,13 @@ def describe(runs: list[Run]) -> dict[str, Any]:
 
 async def bench(address: str, device: str, repeat: int, resolution: int, mode: str, fmt: str,
                 formats: bool, size: int | None) -> dict[str, Any]:
-    bus = await connect(address)
+    client = await Client(address).connect()
     session = None
     try:
-        session, item = await open_flatbed(bus, device)
-        values = await configure(bus, item, resolution, mode)
+        session, item = await open_flatbed(client, device)
+        values = await configure(item, resolution, mode)
 
-        warm = await transfer_once(bus, item, fmt, size)  # untimed: first page plan, buffers
+        warm = await transfer_once(item, fmt, size)  # untimed: first page plan, buffers
         total = warm.bytes
         pattern = bytes(range(256))
         buffer = memoryview((pattern * (total // 256 + 1))[:total])
@@ -261,7 +255,7 @@ async def bench(address: str, device: str, repeat: int, resolution: int, mode: s
         transfers: list[Run] = []
         copies: list[Run] = []
         for _ in range(repeat):
-            transfers.append(await transfer_once(bus, item, fmt, size))
+            transfers.append(await transfer_once(item, fmt, size))
             copies.append(copy_once(buffer, size))
         del buffer
 
@@ -269,16 +263,17 @@ async def bench(address: str, device: str, repeat: int, resolution: int, mode: s
         per_pair = sorted(a.mb_per_s / b.mb_per_s for a, b in zip(transfers, copies))
         ratio = t["median_mb_s"] / c["median_mb_s"]
         s = warm.summary
+        assert s is not None
         r, w = make_pipe(size)
         actual_pipe = pipe_size(w)
         os.close(r)
         os.close(w)
         report: dict[str, Any] = {
             "device": device,
-            "item": item,
+            "item": item.path,
             "format": fmt,
-            "page": {"width": s["width"], "height": s["height"], "mode": s["mode"], "depth": s["depth"],
-                     "resolution": s["resolution"], "bytes": total, "pixel_bytes": pixel_bytes(s)},
+            "page": {"width": s.width, "height": s.height, "mode": s.mode, "depth": s.depth,
+                     "resolution": s.resolution, "bytes": total, "pixel_bytes": pixel_bytes(s)},
             "settings": {k: values[k] for k in ("resolution", "mode", "depth", "width", "height")},
             "repeat": repeat,
             "pipe_size": actual_pipe,
@@ -292,31 +287,37 @@ async def bench(address: str, device: str, repeat: int, resolution: int, mode: s
                        "met": ratio >= TARGET_RATIO},
         }
         if formats:
-            report["formats"] = await format_table(bus, item, repeat, mode, size)
+            report["formats"] = await format_table(item, repeat, mode, size)
+        # What the library adds to one call, in this run: the transfer is one call.
+        raw = await connect(address)
+        try:
+            report["library_cost"] = await library_cost(client, raw)
+        finally:
+            raw.disconnect()
         return report
     finally:
-        if session is not None and bus.connected:
-            try:
-                await call(bus, session, SESSION_IFACE, "Close")
-            except DBusError:
+        if session is not None:
+            async with session:  # closes it; gone already is fine
                 pass
-        bus.disconnect()
+        client.disconnect()
 
 
-async def format_table(bus: MessageBus, item: str, repeat: int, mode: str, size: int | None) -> dict[str, Any]:
+async def format_table(item: Item, repeat: int, mode: str, size: int | None) -> dict[str, Any]:
     """Every format at 300 dpi, in rounds whose order rotates, so drift lands on all alike."""
-    await configure(bus, item, FORMAT_RESOLUTION, mode)
+    await configure(item, FORMAT_RESOLUTION, mode)
     names = list(FORMAT_TABLE)
     for name in names:
-        await transfer_once(bus, item, name, size)  # untimed
+        await transfer_once(item, name, size)  # untimed
     runs: dict[str, list[Run]] = {name: [] for name in names}
     for k in range(repeat):
         order = names[k % len(names):] + names[:k % len(names)]
         for name in order[::-1] if k % 2 else order:
-            runs[name].append(await transfer_once(bus, item, name, size))
+            runs[name].append(await transfer_once(item, name, size))
     rows = []
     for name in names:
-        pixels = pixel_bytes(runs[name][0].summary)
+        summary = runs[name][0].summary
+        assert summary is not None
+        pixels = pixel_bytes(summary)
         rates = sorted(pixels / MB / r.seconds for r in runs[name])
         rows.append({
             "format": name,
@@ -332,8 +333,9 @@ async def format_table(bus: MessageBus, item: str, repeat: int, mode: str, size:
     for row in rows:
         row["ratio_to_raw"] = row["median_pixel_mb_s"] / raw
     s = runs["raw"][0].summary
-    return {"resolution": FORMAT_RESOLUTION, "width": s["width"], "height": s["height"], "mode": s["mode"],
-            "depth": s["depth"], "rows": rows}
+    assert s is not None
+    return {"resolution": FORMAT_RESOLUTION, "width": s.width, "height": s.height, "mode": s.mode,
+            "depth": s.depth, "rows": rows}
 
 
 # -- output ---------------------------------------------------------------------
@@ -375,6 +377,8 @@ def print_report(report: dict[str, Any]) -> None:
               [[r["format"], str(r["n"]), f"{r['stream_bytes']:,.0f}", f"{r['median_pixel_mb_s']:.1f}",
                 f"{r['min_pixel_mb_s']:.1f}", f"{r['max_pixel_mb_s']:.1f}",
                 f"{r['median_first_byte_ms']:.1f}", f"{r['ratio_to_raw']:.2f}"] for r in f["rows"]])
+    print()
+    print_library_cost(report["library_cost"])
 
 
 # -- main -----------------------------------------------------------------------

@@ -179,11 +179,11 @@ class Client:
             raise ConnectionLost(f"not connected to the {self.bus} bus")
         msg = Message(destination=destination, path=path, interface=interface, member=member,
                       signature=signature, body=list(args), unix_fds=list(fds))
-        pending = asyncio.ensure_future(self._connection.call(msg))
-        # A reply that comes after we stopped waiting must not be logged as unretrieved.
-        pending.add_done_callback(_consume)
         try:
-            reply = await asyncio.wait_for(asyncio.shield(pending), timeout)
+            # No task or shield of our own per call: dbus-fast ignores a reply that
+            # comes after its waiter was cancelled (a timeout, or the caller's).
+            async with asyncio.timeout(timeout):
+                reply = await self._connection.call(msg)
         except TimeoutError:
             raise NoReply(f"the service did not answer {member} within {timeout:g} s") from None
         except (EOFError, ConnectionError, OSError) as e:
@@ -235,8 +235,3 @@ class Client:
         :meth:`Agent.register`."""
         assert self._connection is not None, "connect first"
         return Agent(self, self._connection, path, launch, choose)
-
-
-def _consume(task: asyncio.Future[Any]) -> None:
-    if not task.cancelled():
-        task.exception()
