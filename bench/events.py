@@ -54,13 +54,11 @@ for _p in (REPO, REPO / "tests", REPO / "bench"):
 
 from dbus_fast import Message, MessageType  # noqa: E402
 from helpers import call, connect, create_session  # noqa: E402
-from roundtrip import library_cost, percentile, print_library_cost, service  # noqa: E402
+from roundtrip import library_cost, percentile, print_library_cost, service, service_pid  # noqa: E402
 
 from stillsvc.client import Client  # noqa: E402
 from stillsvc.common.names import ROOT_PATH, SESSION_IFACE, SIMULATOR_IFACE  # noqa: E402
 
-DBUS_NAME = "org.freedesktop.DBus"
-DBUS_PATH = "/org/freedesktop/DBus"
 
 TARGET_P99_MS = 5.0
 TARGET_IDLE_MS = 10.0
@@ -128,17 +126,6 @@ async def latency(address: str, device: str, count: int, warmup: int) -> dict[st
     finally:
         bus.disconnect()
         client.disconnect()
-
-
-async def service_pid(client: Client) -> int:
-    """The pid of the connection that owns the service's name (the library knows its
-    unique name; the bus daemon's GetConnectionUnixProcessID is Client.call's)."""
-    owner = client.service_owner
-    if owner is None:
-        raise RuntimeError("the service is not on the bus")
-    (pid,) = await client.call(DBUS_PATH, DBUS_NAME, "GetConnectionUnixProcessID", "s", [owner],
-                               destination=DBUS_NAME)
-    return int(pid)
 
 
 async def idle(address: str, pid: int | None, seconds: float) -> dict[str, Any]:

@@ -60,7 +60,7 @@ for _p in (REPO, REPO / "tests", REPO / "bench"):
 from dbus_fast import DBusError, Message, MessageType, Variant  # noqa: E402
 from dbus_fast.aio import MessageBus  # noqa: E402
 from helpers import connect, create_session  # noqa: E402
-from roundtrip import PEER, Timed, emit, interleaved, percentile, service, table  # noqa: E402
+from roundtrip import PEER, Timed, emit, interleaved, percentile, service, service_pid, table  # noqa: E402
 
 from stillsvc.client import (  # noqa: E402
     Changes,
@@ -83,8 +83,6 @@ MB = 1e6
 
 clock = time.perf_counter_ns
 
-DBUS_NAME = "org.freedesktop.DBus"
-DBUS_PATH = "/org/freedesktop/DBus"
 
 # The holder for the kill -9 measurement: its own process and connection (a
 # library client; argv[3] is this repository, for stillsvc.client).
@@ -348,17 +346,6 @@ async def status_latency(bus: MessageBus, session: Session, count: int, block: i
                                     "Ping": timed(lambda: rt(bus, msg(ROOT_PATH, PEER, "Ping")))},
                                    count, block, warmup)
     return {k: summary_ms(v) for k, v in samples.items()}
-
-
-async def service_pid(client: Client) -> int:
-    """The pid of the connection that owns the service's name (the library knows its
-    unique name; the bus daemon's GetConnectionUnixProcessID is Client.call's)."""
-    owner = client.service_owner
-    if owner is None:
-        raise RuntimeError("the service is not on the bus")
-    (pid,) = await client.call(DBUS_PATH, DBUS_NAME, "GetConnectionUnixProcessID", "s", [owner],
-                               destination=DBUS_NAME)
-    return int(pid)
 
 
 async def many_sessions(address: str, device: str, sessions: int, clients: int, count: int, block: int,

@@ -273,6 +273,21 @@ def library_figures(samples: dict[str, list[int]], round_medians: list[dict[str,
     }
 
 
+DBUS_NAME = "org.freedesktop.DBus"
+DBUS_PATH = "/org/freedesktop/DBus"
+
+
+async def service_pid(client: Client) -> int:
+    """The pid of the connection that owns the service's name (the library knows its
+    unique name; the bus daemon's GetConnectionUnixProcessID is Client.call's)."""
+    owner = client.service_owner
+    if owner is None:
+        raise RuntimeError("the service is not on the bus")
+    (pid,) = await client.call(DBUS_PATH, DBUS_NAME, "GetConnectionUnixProcessID", "s", [owner],
+                               destination=DBUS_NAME)
+    return int(pid)
+
+
 async def library_cost(client: Client, raw: MessageBus, count: int = 1000, block: int = 100,
                        warmup: int = 100) -> dict[str, Any]:
     """The library's own cost in another benchmark's run: GetDevices through the
