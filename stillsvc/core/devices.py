@@ -200,17 +200,19 @@ class Device:
         def wanted() -> bool:
             return self._abandoned is not owner and _owner_alive(owner)
 
+        def still_wanted() -> None:
+            if not wanted():
+                raise Cancelled(f"the device lock of {self.id} was given up while it was being taken")
+
         driver_locked = False
         try:
             self.check_usable()
             await self.take_lockfile(wanted, deadline, timeout)
             self.check_usable()
-            if not wanted():
-                raise Cancelled(f"the device lock of {self.id} was given up while it was being taken")
+            still_wanted()
             await self.run_driver(self.driver.lock, _owner_mode(owner))
             driver_locked = True
-            if not wanted():
-                raise Cancelled(f"the device lock of {self.id} was given up while it was being taken")
+            still_wanted()
             self._locked_for = owner
         except BaseException:
             if driver_locked and not self.disconnected:
@@ -287,10 +289,10 @@ class Device:
         while True:
             remaining = deadline - loop.time()
             if remaining <= 0:
-                where = f"it is held by another program (lock file {self.lockfile.path})"
+                held = f"held by another program (lock file {self.lockfile.path})"
                 if timeout <= 0:
-                    raise Busy(f"device {self.id} is held by another program (lock file {self.lockfile.path})")
-                raise Timeout(f"gave up waiting for device {self.id} after {timeout * 1000:.0f} ms: {where}")
+                    raise Busy(f"device {self.id} is {held}")
+                raise Timeout(f"gave up waiting for device {self.id} after {timeout * 1000:.0f} ms: it is {held}")
             await asyncio.sleep(min(delay, remaining))
             if not wanted() or self.disconnected:
                 raise Cancelled(f"stopped waiting for the lock file of {self.id}")

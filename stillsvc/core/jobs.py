@@ -39,6 +39,7 @@ import structlog
 from stillsvc.common.errors import Cancelled, Failed, StillError
 from stillsvc.core.sessions import Hold
 from stillsvc.driver import Page, PageInfo
+from stillsvc.imaging import ImageInfo
 
 if TYPE_CHECKING:
     from stillsvc.core.devices import Device
@@ -110,6 +111,7 @@ class Job:
         self._pages: Iterator[Page] | None = None
         self._bands: Iterator[bytes] | None = None
         self._page: PageInfo | None = None
+        self._bytes_per_line = 1
         self._rows = 0
         self._last_report = 0.0
         self._loop = asyncio.get_running_loop()
@@ -225,6 +227,7 @@ class Job:
             return None
         self.pages += 1
         self._page, self._rows = page.info, 0
+        self._bytes_per_line = max(1, image_info(page.info).bytes_per_line)
         self._bands = iter(page.bands())
         return page.info
 
@@ -237,7 +240,7 @@ class Job:
         if band is None:
             self._bands = None
             return None
-        self._rows += len(band) // max(1, _bytes_per_line(self._page))
+        self._rows += len(band) // self._bytes_per_line
         self._report(self._rows * 100 // max(1, self._page.height))
         return band
 
@@ -289,11 +292,9 @@ class Job:
             raise
 
 
-def _bytes_per_line(info: PageInfo) -> int:
-    if info.mode == "lineart":
-        return (info.width + 7) // 8
-    channels = 3 if info.mode == "color" else 1
-    return info.width * channels * info.depth // 8
+def image_info(info: PageInfo) -> ImageInfo:
+    """A driver's page geometry in the imaging layer's terms (the raw layout)."""
+    return ImageInfo(info.width, info.height, info.mode, info.depth, info.resolution)
 
 
-__all__ = ["Job", "JobState", "PageSink", "Progress"]
+__all__ = ["Job", "JobState", "PageSink", "Progress", "image_info"]

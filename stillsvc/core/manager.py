@@ -165,21 +165,18 @@ class DeviceManager:
         if executor is None:
             executor = ThreadPoolExecutor(1, thread_name_prefix=f"device-{path_element}")
         loop = asyncio.get_running_loop()
+        step = "initialise"
         try:
             info = await loop.run_in_executor(executor, driver.initialize, config.port, Mode.STATUS)
+            step = "build its item tree"
+            tree = await loop.run_in_executor(executor, driver.build_item_tree)
         except Exception as e:
-            log.error("device failed to initialise", device=config.id, driver=config.driver, error=str(e))
-            if config.id not in self.unplugged:
+            log.error(f"device failed to {step}", device=config.id, driver=config.driver, error=str(e))
+            if config.id not in self.unplugged:  # a driver kept for replugging keeps its worker
                 executor.shutdown(wait=False)
-            raise Failed(f"device {config.id} failed to initialise: {e}") from e
+            raise Failed(f"device {config.id} failed to {step}: {e}") from e
         device = Device(self, config, driver, info, executor)
-        try:
-            device.adopt_tree(await loop.run_in_executor(executor, driver.build_item_tree))
-        except Exception as e:
-            device.log.error("driver could not build its item tree", error=str(e))
-            if config.id not in self.unplugged:
-                executor.shutdown(wait=False)
-            raise Failed(f"device {config.id} failed to build its item tree: {e}") from e
+        device.adopt_tree(tree)
         self.devices[config.id] = device
         self.unplugged.pop(config.id, None)
         device.log.info("device added", driver=driver.name, name=info.name)
@@ -323,7 +320,7 @@ class DeviceManager:
         device.device_lock.discard(session, NotFound(f"session {session.number} is closed"))
         held_data = device.data_mode.discard(session, NotFound(f"session {session.number} is closed"))
         device.settle_lockfile()
-        device.undelivered(session.drop_queue(), f"left in the queue of a session that {why}",
+        device.undelivered(session.drop_queue(), f"left in the queue of a closed session ({why})",
                            session=session.number, client=session.client.name)
         session.release_fds()
         if session.root_item is not None:
@@ -345,18 +342,12 @@ class DeviceManager:
                     if _client_of(waiter) is client:
                         fair.discard(waiter, Cancelled(f"client {client.name} has gone"))
         self.notify("client_gone", client)
-        self.spawn(self.client_vanished(client.name))
+        self.spawn(self._close_sessions_of(client))
 
-    async def client_vanished(self, client_name: str) -> None:
-        """Close everything the client named ``client_name`` had, at once."""
-        for session in self.sessions_of(client_name):
+    async def _close_sessions_of(self, client: Client) -> None:
+        # Its waits were failed above, and a gone client can wait for nothing new.
+        for session in self.sessions_of(client.name):
             await self.close_session(session, why="client left the bus")
-        for device in list(self.devices.values()):
-            for fair in (device.data_mode, device.device_lock):
-                for waiter in fair.waiting:
-                    client = _client_of(waiter)
-                    if client is not None and client.name == client_name:
-                        fair.discard(waiter)
 
     # -- events -----------------------------------------------------------------
     def driver_event(self, device_id: str, event: DeviceEvent) -> None:

@@ -32,19 +32,15 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-import structlog
-
 from stillsvc.common.errors import Cancelled, Failed, InvalidArgument, StillError, Timeout, quote
-from stillsvc.core.jobs import Job
+from stillsvc.core.jobs import Job, image_info
 from stillsvc.driver import PageInfo
-from stillsvc.imaging import FORMATS, MULTIPAGE_FORMATS, ImageInfo, make_encoder
+from stillsvc.imaging import FORMATS, MULTIPAGE_FORMATS, make_encoder
 
 if TYPE_CHECKING:
     from stillsvc.core.devices import Device
     from stillsvc.core.items import AppItem
     from stillsvc.core.sessions import Session
-
-log = structlog.get_logger(__name__)
 
 #: The format of a transfer that names none, from an item without a "format" property.
 DEFAULT_FORMAT = "png"
@@ -146,7 +142,7 @@ class _FdSink:
         self.poller.register(transfer.fd, select.POLLOUT)
 
     def begin_page(self, info: PageInfo, number: int) -> None:
-        image = _image_info(info)
+        image = image_info(info)
         s = self.summary
         s.pages = number
         s.width, s.height, s.mode, s.depth, s.resolution = (
@@ -187,6 +183,3 @@ class _FdSink:
             self.summary.bytes += written
             self.job.touch()
 
-
-def _image_info(info: PageInfo) -> ImageInfo:
-    return ImageInfo(info.width, info.height, info.mode, info.depth, info.resolution)
