@@ -1,6 +1,6 @@
 """``stillsvc``: the daemon.
 
-    stillsvc --bus system|session|ADDRESS [--config PATH] [--simulate]
+    stillsvc --bus system|session|ADDRESS [--config PATH] [--simulate] [--no-udev]
 
 ``--simulate`` adds the built-in simulated scanner ``sim0`` (no configuration
 file needed): the embedded default for trying the service out and for tests.
@@ -31,6 +31,7 @@ from stillsvc.core.registry import Registry
 from stillsvc.discovery import Backend
 from stillsvc.discovery.config import ConfigDiscovery
 from stillsvc.discovery.simulate import SimulatedDiscovery
+from stillsvc.discovery.udev import UdevDiscovery
 from stillsvc.frontends.dbus.agents import AgentBridge
 from stillsvc.frontends.dbus.bus import ServiceBus
 from stillsvc.frontends.dbus.service import Service
@@ -63,6 +64,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="'system', 'session' or a D-Bus address (default: system)")
     parser.add_argument("--config", metavar="PATH", help="configuration file (TOML)")
     parser.add_argument("--simulate", action="store_true", help="add the simulated scanner 'sim0'")
+    parser.add_argument("--udev", action=argparse.BooleanOptionalAction, default=None,
+                        help="serve USB devices as udev reports them (default: [udev] discover, true)")
     parser.add_argument("--authorization", choices=["auto", "polkit", "none"], default="auto",
                         help="who may use the service: ask polkit, or trust every client of the bus "
                              "(default: polkit on the system bus, none on any other)")
@@ -86,11 +89,13 @@ def build_config(args: argparse.Namespace) -> Config:
 
 def discovery_backends(args: argparse.Namespace, cfg: Config) -> list[Backend]:
     """Where devices come from: the simulated scanner first (with --simulate), then
-    the configured devices."""
+    the configured devices, then udev (unless --no-udev or [udev] discover = false)."""
     backends: list[Backend] = []
     if args.simulate:
         backends.append(SimulatedDiscovery(taken={device.id for device in cfg.devices}))
     backends.append(ConfigDiscovery(cfg.devices))
+    if args.udev if args.udev is not None else cfg.udev_discover:
+        backends.append(UdevDiscovery())
     return backends
 
 

@@ -533,7 +533,7 @@ async def test_manager_unplug_keeps_linked_items_until_the_last_session_closes(m
     await manager.remove_device("sim0", keep_driver=True)
     entries = manager.item_report("sim0")
     assert [e["path"] for e in entries] == ["Root", "Root/Flatbed", "Root/Feeder"]
-    assert all(e["refcount"] == 2 and e["removed"] and not e["present"] and e["generation"] == 0
+    assert all(e["refcount"] == 2 and e["removed"] and not e["present"] and e["generation"] == 1
                for e in entries)
     flatbed = s1.root_item.children[0]
     assert flatbed.values["resolution"] == 150 and not flatbed.connected
@@ -559,12 +559,12 @@ async def test_manager_replug_shows_both_generations(manager):
     driver.connected = True
     await manager.replug("sim0")
     entries = report(manager)
-    assert entries[("Root/Flatbed", 0)]["present"] is False and entries[("Root/Flatbed", 0)]["removed"] is True
-    assert entries[("Root/Flatbed", 0)]["refcount"] == 1
-    assert entries[("Root/Flatbed", 1)]["present"] is True and entries[("Root/Flatbed", 1)]["removed"] is False
+    assert entries[("Root/Flatbed", 1)]["present"] is False and entries[("Root/Flatbed", 1)]["removed"] is True
     assert entries[("Root/Flatbed", 1)]["refcount"] == 1
+    assert entries[("Root/Flatbed", 2)]["present"] is True and entries[("Root/Flatbed", 2)]["removed"] is False
+    assert entries[("Root/Flatbed", 2)]["refcount"] == 1
     await manager.close_session(s1)
-    assert sorted(report(manager)) == [("Root", 0), ("Root/Feeder", 0), ("Root/Flatbed", 0)]
+    assert sorted(report(manager)) == [("Root", 2), ("Root/Feeder", 2), ("Root/Flatbed", 2)]
     assert all(e["present"] for e in manager.item_report("sim0"))
 
 
@@ -576,7 +576,7 @@ async def test_manager_synchronize_removes_and_adds_items(manager):
     added, removed = await device.synchronize(s1)
     assert added == [] and removed == [old_feeder]
     assert refcounts(manager) == {"Root": 2, "Root/Flatbed": 2, "Root/Feeder": 1}
-    assert report(manager)[("Root/Feeder", 0)]["removed"] is True
+    assert report(manager)[("Root/Feeder", 1)]["removed"] is True
     assert not s1.root_item.children[1].connected
     assert s1.root_item.children[0].connected
     s2 = await open_with_items(manager, Mode.STATUS, "c2")

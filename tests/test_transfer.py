@@ -774,11 +774,11 @@ async def test_replug_gives_a_new_tree_while_old_items_live_on(client):
     await call(client, SIM0, SIMULATOR, "Replug")
     await wait_until(lambda: _has_present(client), timeout=5, what="the device is back")
     items = await driver_items(client)
-    assert items[("Root/Flatbed", 0)]["present"] is False and items[("Root/Flatbed", 0)]["refcount"] == 1
-    assert items[("Root/Flatbed", 1)]["present"] is True and not items[("Root/Flatbed", 1)]["removed"]
+    assert items[("Root/Flatbed", 1)]["present"] is False and items[("Root/Flatbed", 1)]["refcount"] == 1
+    assert items[("Root/Flatbed", 2)]["present"] is True and not items[("Root/Flatbed", 2)]["removed"]
     assert await get_property(client, root + "/Flatbed", ITEM, "Connected") is False
     await call(client, session, SESSION, "Close")
-    assert {gen for _, gen in await driver_items(client)} == {0}  # only the present tree is left
+    assert {gen for _, gen in await driver_items(client)} == {2}  # only the present tree is left
     _, root2 = await open_items(client)
     await small(client, root2 + "/Flatbed", width=8, height=8)
     assert (await transfer(client, root2 + "/Flatbed", "raw"))[0]["pages"] == 1
@@ -821,10 +821,10 @@ async def test_synchronize_after_the_feeder_was_detached(client):
     assert await get_property(client, root + "/Feeder", ITEM, "Connected") is False
     assert await get_property(client, root + "/Flatbed", ITEM, "Connected") is True
     after = await driver_items(client)
-    feeder = after[("Root/Feeder", 0)]
+    feeder = after[("Root/Feeder", 1)]
     assert feeder["removed"] is True and feeder["present"] is True
-    assert feeder["refcount"] == before[("Root/Feeder", 0)]["refcount"] - 1
-    assert after[("Root/Flatbed", 0)] == before[("Root/Flatbed", 0)]
+    assert feeder["refcount"] == before[("Root/Feeder", 1)]["refcount"] - 1
+    assert after[("Root/Flatbed", 1)] == before[("Root/Flatbed", 1)]
     assert (await read(client, root + "/Feeder"))["source"] == "feeder"  # still readable
     await expect_error("Disconnected", transfer(client, root + "/Feeder", "raw"))
     await small(client, root + "/Flatbed", width=8, height=8)
@@ -849,7 +849,7 @@ async def test_synchronize_after_a_feeder_was_attached_adds_an_item(client):
     assert await get_property(client, root, ITEM, "Children") == [root + "/Flatbed", root + "/Feeder"]
     assert await get_property(client, root + "/Feeder", ITEM, "Connected") is True
     items = await driver_items(client)
-    assert items[("Root/Feeder", 0)]["removed"] is False
+    assert items[("Root/Feeder", 1)]["removed"] is False
     await call(client, SIM0, SIMULATOR, "LoadPages", "u", [1])
     await small(client, root + "/Feeder", width=8, height=8)
     assert (await transfer(client, root + "/Feeder", "raw"))[0]["pages"] == 1

@@ -31,6 +31,7 @@ from stillsvc.client.errors import BusUnavailable, ClientError, ConnectionLost, 
 from stillsvc.client.objects import MODES, Device, Item, Manager, Session
 from stillsvc.client.records import (
     Application,
+    CandidateInfo,
     Change,
     ChooseRequest,
     DeviceInfo,
@@ -70,7 +71,7 @@ __all__ = [
     # the service's objects
     "Manager", "Device", "Session", "Item", "Agent", "Changes", "MODES",
     # records
-    "DeviceInfo", "DriverItemInfo", "SessionInfo", "QueuedEvent", "ItemInfo", "PropertyAttributes",
+    "CandidateInfo", "DeviceInfo", "DriverItemInfo", "SessionInfo", "QueuedEvent", "ItemInfo", "PropertyAttributes",
     "Progress", "TransferSummary", "Application", "LaunchRequest", "ChooseRequest",
     "Change", "ServiceStarted", "ServiceStopped", "InterfacesAdded", "InterfacesRemoved", "PropertiesChanged",
     "EventRouted",

@@ -19,6 +19,7 @@ from stillsvc.client.changes import Changes
 from stillsvc.client.errors import ClientError, ConnectionLost
 from stillsvc.client.records import (
     Application,
+    CandidateInfo,
     DeviceInfo,
     DriverItemInfo,
     ItemInfo,
@@ -90,6 +91,12 @@ class Manager:
         """The device's driver items with their reference counts (a diagnostic view)."""
         (items,) = await self._call("GetDriverItems", "s", [device_id])
         return [DriverItemInfo.from_dict(d) for d in items]
+
+    async def candidates(self) -> list[CandidateInfo]:
+        """Every device discovery reported, with the driver it matched (or why none
+        did) and the device it became: for finding out why a device is missing."""
+        (entries,) = await self._call("GetCandidates")
+        return [CandidateInfo.from_dict(d) for d in entries]
 
     async def version(self) -> str:
         (value,) = await self._client.call(ROOT_PATH, PROPERTIES_IFACE, "Get", "ss", [MANAGER_IFACE, "Version"])

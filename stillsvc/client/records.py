@@ -41,6 +41,10 @@ class DeviceInfo(_Record):
     driver: str
     port: str
     state: str
+    #: why the device is in its state (for "failed", the driver's error)
+    state_reason: str
+    #: how many times a device with this id has appeared since the service started
+    generation: int
     capabilities: tuple[str, ...]
     event_names: tuple[str, ...]
     data_mode_held: bool
@@ -61,6 +65,7 @@ class DeviceInfo(_Record):
             path=path, id=p.get("Id", ""), name=p.get("Name", ""), vendor=p.get("Vendor", ""),
             model=p.get("Model", ""), serial=p.get("Serial", ""), kind=p.get("Kind", ""),
             driver=p.get("Driver", ""), port=p.get("Port", ""), state=p.get("State", ""),
+            state_reason=p.get("StateReason", ""), generation=int(p.get("Generation", 0)),
             capabilities=tuple(p.get("Capabilities", ())), event_names=tuple(p.get("EventNames", ())),
             data_mode_held=bool(p.get("DataModeHeld", False)), data_mode_holder=p.get("DataModeHolder", ""),
             data_mode_waiters=int(p.get("DataModeWaiters", 0)), lock_waiters=int(p.get("LockWaiters", 0)),
@@ -86,6 +91,35 @@ class DriverItemInfo(_Record):
         return cls(path=d.get("path", ""), kind=d.get("kind", ""), refcount=int(d.get("refcount", 0)),
                    removed=bool(d.get("removed", False)), present=bool(d.get("present", False)),
                    generation=int(d.get("generation", 0)), _source=dict(d))
+
+
+@dataclass(frozen=True)
+class CandidateInfo(_Record):
+    """One entry of ``Manager.GetCandidates``: a device discovery reported, the
+    driver it matched and what became of it."""
+
+    id: str
+    subsystem: str
+    port: str
+    name: str
+    vendor_id: str
+    product_id: str
+    serial: str
+    interfaces: tuple[str, ...]
+    driver: str
+    device_id: str
+    #: "added", "failed" or "unmatched"
+    status: str
+    reason: str
+    _source: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> CandidateInfo:
+        return cls(id=d.get("id", ""), subsystem=d.get("subsystem", ""), port=d.get("port", ""),
+                   name=d.get("name", ""), vendor_id=d.get("vendor_id", ""), product_id=d.get("product_id", ""),
+                   serial=d.get("serial", ""), interfaces=tuple(d.get("interfaces", ())),
+                   driver=d.get("driver", ""), device_id=d.get("device_id", ""), status=d.get("status", ""),
+                   reason=d.get("reason", ""), _source=dict(d))
 
 
 # -- sessions and events ------------------------------------------------------------------

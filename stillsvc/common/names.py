@@ -7,6 +7,7 @@ policy file), so they live here and nowhere else.
 
 from __future__ import annotations
 
+import hashlib
 import re
 
 BUS_NAME = "org.stillsvc.StillImage1"
@@ -33,6 +34,22 @@ DEVICE_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:@+-]{0,63}$")
 
 def valid_device_id(device_id: str) -> bool:
     return bool(DEVICE_ID_RE.match(device_id))
+
+
+_ID_UNSAFE = re.compile(r"[^A-Za-z0-9_.:@+-]")
+
+
+def stable_id(*parts: str) -> str:
+    """A device id made of ``parts`` (driver, vendor, product, serial or port), joined
+    with ``-``: characters a device id may not have become ``_``, and an id longer
+    than 64 characters keeps its first 55 and ends in 8 hex digits of a hash of
+    the whole, so that it stays unique and the same on every run."""
+    text = "-".join(_ID_UNSAFE.sub("_", part) for part in parts if part)
+    if not text or not text[0].isalnum():
+        text = "x" + text
+    if len(text) > 64:
+        text = text[:55] + "-" + hashlib.sha256(text.encode()).hexdigest()[:8]
+    return text
 
 
 def sanitise_id(device_id: str) -> str:

@@ -15,6 +15,9 @@ Example::
     poll_interval_ms = 1000       # for drivers that can only poll for events
     transfer_stall_ms = 60000     # a transfer whose reader takes nothing this long is stopped
 
+    [udev]
+    discover = true               # serve USB devices as they appear (needs pyudev)
+
     [[device]]
     id = "scanner1"
     driver = "sim"
@@ -69,6 +72,8 @@ class Config:
     devices: tuple[DeviceConfig, ...] = ()
     runtime_dir: str = DEFAULT_RUNTIME_DIR
     state_dir: str = DEFAULT_STATE_DIR
+    #: Discover USB devices through udev (``[udev] discover``).
+    udev_discover: bool = True
     source: str | None = None
 
 
@@ -137,11 +142,11 @@ def load(path: str | os.PathLike[str]) -> Config:
 
 def parse(data: dict[str, Any], name: str = "<config>", where: _Locator | None = None) -> Config:
     where = where or _Locator("")
-    unknown = set(data) - {"service", "device"}
+    unknown = set(data) - {"service", "udev", "device"}
     if unknown:
         key = sorted(unknown)[0]
         raise ConfigError(name, where.key(key, None) or where.table(key),
-                          f"unknown section or key '{key}' (expected [service] or [[device]])")
+                          f"unknown section or key '{key}' (expected [service], [udev] or [[device]])")
 
     service = data.get("service", {})
     if not isinstance(service, dict):
@@ -164,6 +169,16 @@ def parse(data: dict[str, Any], name: str = "<config>", where: _Locator | None =
         else:
             known = ", ".join(sorted([*_LIMIT_KEYS, *_PATH_KEYS]))
             raise ConfigError(name, where.key(key, line), f"unknown key service.{key} (known: {known})")
+
+    udev = data.get("udev", {})
+    if not isinstance(udev, dict):
+        raise ConfigError(name, where.key("udev", None), "'udev' must be a table")
+    line = where.table("udev")
+    for key, value in udev.items():
+        if key != "discover":
+            raise ConfigError(name, where.key(key, line), f"unknown key udev.{key} (known: discover)")
+        if not isinstance(value, bool):
+            raise ConfigError(name, where.key(key, line), f"udev.discover must be true or false, not {value!r}")
 
     raw_devices = data.get("device", [])
     if not isinstance(raw_devices, list):
@@ -191,4 +206,5 @@ def parse(data: dict[str, Any], name: str = "<config>", where: _Locator | None =
         seen.add(entry["id"])
         devices.append(DeviceConfig(**entry))
 
-    return Config(limits=Limits(**limits), devices=tuple(devices), source=name, **paths)
+    return Config(limits=Limits(**limits), devices=tuple(devices), udev_discover=udev.get("discover", True),
+                  source=name, **paths)

@@ -85,12 +85,17 @@ class Device:
     """One device: its driver, its arbiters and its lock file."""
 
     def __init__(self, manager: DeviceManager, config: DeviceConfig, driver: Minidriver, info: DeviceInfo,
-                 executor: ThreadPoolExecutor) -> None:
+                 executor: ThreadPoolExecutor, failure: str = "") -> None:
         self.manager = manager
         self.id = config.id
         self.config = config
         self.driver = driver
         self.info = info
+        #: Why the driver could not start the device (State failed); empty when it did.
+        #: A failed device has no item tree and refuses every use with Failed.
+        self.failure = failure
+        #: How many times a device with this id has appeared since the service started.
+        self.generation = 1
         self.disconnected = False
         self.standing_back = False
         self.sessions: set[Session] = set()
@@ -133,6 +138,8 @@ class Device:
     def state(self) -> str:
         if self.disconnected:
             return "disconnected"
+        if self.failure:
+            return "failed"
         if self.standing_back or self.held_outside:
             return "held-by-program"
         return "ready"
@@ -156,6 +163,8 @@ class Device:
     def check_usable(self) -> None:
         if self.disconnected:
             raise Disconnected(f"device {self.id} has been disconnected")
+        if self.failure:
+            raise Failed(f"device {self.id} failed: {self.failure}")
         if self.standing_back:
             raise Busy(f"device {self.id} is held by another program")
 

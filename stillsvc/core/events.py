@@ -121,6 +121,8 @@ class EventMonitor(Listener):
 
     # -- devices ------------------------------------------------------------------------
     def device_added(self, device: Device) -> None:
+        if device.failure:
+            return  # nothing to watch until its driver starts
         watch = self._watches.setdefault(device.id, _Watch())
         if watch.opening is not None:
             watch.opening.cancel()

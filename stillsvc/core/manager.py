@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import structlog
@@ -28,15 +29,48 @@ from stillsvc.core.devices import Device
 from stillsvc.core.listener import Listener
 from stillsvc.core.routing import Outcome
 from stillsvc.core.sessions import Client, EventRecord, Session
-from stillsvc.driver import Candidate, DeviceEvent, Minidriver, Mode, match
+from stillsvc.driver import Candidate, DeviceEvent, DeviceInfo, Minidriver, Mode, match
+from stillsvc.driver.items import DriverItem
 
 if TYPE_CHECKING:
     from stillsvc.discovery import Backend
 
 log = structlog.get_logger(__name__)
 
-#: How long a driver may take to initialise at start before the service goes on without it.
+#: How long a driver may take to initialise before the device is shown as failed.
 DEVICE_START_TIMEOUT = 15.0
+#: How long a driver may take to shut down when its device goes.
+DEVICE_STOP_TIMEOUT = 5.0
+
+
+@dataclass
+class CandidateEntry:
+    """A candidate and what became of it: ``status`` is "added" (``device_id`` is
+    present), "failed" (``reason`` says why; the device is shown failed when it
+    has an id) or "unmatched" (no driver; ``reason`` says why)."""
+
+    candidate: Candidate
+    driver: str = ""
+    device_id: str = ""
+    status: str = "unmatched"
+    reason: str = ""
+
+    def describe(self) -> dict[str, Any]:
+        c = self.candidate
+        return {
+            "id": c.id, "subsystem": c.subsystem, "port": c.port, "name": c.name, "vendor": c.vendor,
+            "model": c.model, "serial": c.serial,
+            "vendor_id": f"{c.vendor_id:04x}" if c.vendor_id is not None else "",
+            "product_id": f"{c.product_id:04x}" if c.product_id is not None else "",
+            "interfaces": [f"{a:02x}{b:02x}{p:02x}" for a, b, p in c.interfaces],
+            "driver": self.driver, "device_id": self.device_id, "status": self.status, "reason": self.reason,
+        }
+
+
+def _placeholder_info(candidate: Candidate, config: DeviceConfig) -> DeviceInfo:
+    """What a failed device shows: what discovery knows of it."""
+    return DeviceInfo(name=candidate.name or config.id, vendor=candidate.vendor, model=candidate.model,
+                      serial=candidate.serial)
 
 
 class _Host:
@@ -83,6 +117,12 @@ class DeviceManager:
         #: is kept, for the driver may report the device back (device_replugged).
         self.unplugged: dict[str, tuple[DeviceConfig, Minidriver, ThreadPoolExecutor]] = {}
         self.backends: list[Backend] = []
+        #: What the backends reported, by candidate id (candidate_report()).
+        self.candidates: dict[str, CandidateEntry] = {}
+        #: How many times each device id has appeared (Device.generation).
+        self.generations: dict[str, int] = {}
+        #: Ids of devices whose driver is being started (found()): taken already.
+        self._starting: set[str] = set()
         self.sessions: dict[int, Session] = {}
         self.listeners: list[Listener] = []
         #: Chooses the consumer of an event no data-mode session takes (the event
@@ -121,24 +161,98 @@ class DeviceManager:
 
     # -- discovery ----------------------------------------------------------------
     async def found(self, candidate: Candidate) -> None:
-        """A backend found a device: match its driver and add it. Failures are logged,
-        never raised: one bad device must not stop the others."""
+        """A backend found a device, or tells what it knows of it now (a udev
+        ``change``): match its driver and add it, retry it when it had failed,
+        and leave a working device alone. Failures are logged and shown, never
+        raised: one bad device must not stop the others."""
+        entry = self.candidates.get(candidate.id)
+        present = self.devices.get(entry.device_id) if entry is not None and entry.device_id else None
         cls = match(self.drivers, candidate)
         if cls is None:
-            what = f"no driver named {quote(candidate.driver)}" if candidate.driver else "no driver matches it"
-            log.error("device not added", device=candidate.id, subsystem=candidate.subsystem, reason=what,
-                      installed=sorted(self.drivers))
+            if present is not None:
+                await self.remove_device(present.id)
+            reason = self._unmatched_reason(candidate)
+            self.candidates[candidate.id] = CandidateEntry(candidate, status="unmatched", reason=reason)
+            if candidate.driver:  # a configured device whose driver is missing is a mistake
+                log.error("device not added", device=candidate.id, reason=reason, installed=sorted(self.drivers))
+            else:
+                log.debug("device ignored", candidate=candidate.id, subsystem=candidate.subsystem, reason=reason)
             return
+        if present is not None and not present.failure and present.driver.name == cls.name:
+            entry.candidate = candidate  # working: a change leaves it alone
+            return
+        config = candidate.config(cls.name)
         try:
-            await asyncio.wait_for(self.add_device(candidate.config(cls.name)), DEVICE_START_TIMEOUT)
-        except StillError as e:
-            log.error("device not added", device=candidate.id, error=e.message)
-        except TimeoutError:
-            log.error("device not added: its driver did not initialise in time", device=candidate.id,
-                      timeout_s=DEVICE_START_TIMEOUT)
+            self._check_id(config.id, present)
+        except InvalidArgument as e:
+            log.error("device not added", candidate=candidate.id, error=e.message)
+            self.candidates[candidate.id] = CandidateEntry(candidate, cls.name, status="failed", reason=e.message)
+            return
+        entry = CandidateEntry(candidate, cls.name, config.id, "added")
+        self.candidates[candidate.id] = entry
+        self._starting.add(config.id)
+        try:
+            await self._bring_up(candidate, entry, config, cls, present)
+        finally:
+            self._starting.discard(config.id)
+
+    async def _bring_up(self, candidate: Candidate, entry: CandidateEntry, config: DeviceConfig,
+                        cls: type[Minidriver], present: Device | None) -> None:
+        """Start a driver for ``candidate``; the device replaces ``present`` (a failed
+        one, or one of another driver). A driver that fails makes a failed device."""
+        kept = self.unplugged.pop(config.id, None)
+        if kept is not None:  # its driver had reported it unplugged; this is a new one
+            self.spawn(self._discard(kept[1], kept[2]))
+        driver = cls(config, _Host(self, config.id))
+        executor = ThreadPoolExecutor(1, thread_name_prefix=f"device-{sanitise_id(config.id)}")
+        failure = ""
+        try:
+            info, tree = await asyncio.wait_for(self._start(config, driver, executor), DEVICE_START_TIMEOUT)
+        except (StillError, TimeoutError) as e:
+            failure = e.message if isinstance(e, StillError) else \
+                f"its {cls.name} driver did not initialise within {DEVICE_START_TIMEOUT:g} s"
+            log.error("device failed", device=config.id, driver=cls.name, reason=failure)
+            entry.status, entry.reason = "failed", failure
+            if present is not None and present.failure:  # it failed again: say why, in place
+                self.spawn(self._discard(driver, executor))
+                present.failure = failure
+                self.changed(present, ["StateReason"])
+                return
+            info, tree = _placeholder_info(candidate, config), None
+        if present is not None:
+            await self.remove_device(present.id)
+        device = Device(self, config, driver, info, executor, failure=failure)
+        if tree is not None:
+            device.adopt_tree(tree)
+        self._register(device)
 
     async def lost(self, candidate_id: str) -> None:
-        await self.remove_device(candidate_id)
+        entry = self.candidates.pop(candidate_id, None)
+        if entry is not None and entry.device_id:
+            await self.remove_device(entry.device_id)
+            kept = self.unplugged.pop(entry.device_id, None)  # its driver had reported it unplugged
+            if kept is not None:
+                await self._discard(kept[1], kept[2])
+
+    def candidate_report(self) -> list[CandidateEntry]:
+        """Every device the backends reported, with the driver it matched and what
+        became of it: the first thing to look at when a device does not show up."""
+        return sorted(self.candidates.values(), key=lambda e: (e.candidate.subsystem, e.candidate.id))
+
+    def _unmatched_reason(self, candidate: Candidate) -> str:
+        if candidate.driver:
+            return (f"no driver named {quote(candidate.driver)} is installed "
+                    f"(installed: {', '.join(sorted(self.drivers))})")
+        return "no installed driver matches it"
+
+    def _check_id(self, device_id: str, present: Device | None) -> None:
+        """Refuse an id another device has or is being started with (``present``,
+        the device a candidate replaces, keeps its own)."""
+        if present is not None and device_id == present.id:
+            return
+        element = sanitise_id(device_id)
+        if any(sanitise_id(other) == element for other in (*self.devices, *self._starting)):
+            raise InvalidArgument(f"device id {quote(device_id)} (or its object path) is taken by another device")
 
     # -- devices ----------------------------------------------------------------
     def driver_of(self, device_id: str) -> Minidriver | None:
@@ -152,6 +266,8 @@ class DeviceManager:
 
     async def add_device(self, config: DeviceConfig, driver: Minidriver | None = None,
                          executor: ThreadPoolExecutor | None = None) -> Device:
+        """Start a device with ``config`` (its driver made from the installed ones
+        unless given) and add it; raises when the id is taken or the driver fails."""
         if config.id in self.devices:
             raise InvalidArgument(f"device id {quote(config.id)} is already in use")
         path_element = sanitise_id(config.id)
@@ -164,6 +280,21 @@ class DeviceManager:
             driver = cls(config, _Host(self, config.id))
         if executor is None:
             executor = ThreadPoolExecutor(1, thread_name_prefix=f"device-{path_element}")
+        try:
+            info, tree = await self._start(config, driver, executor)
+        except Failed:
+            if config.id not in self.unplugged:  # a driver kept for replugging keeps its worker
+                executor.shutdown(wait=False)
+            raise
+        device = Device(self, config, driver, info, executor)
+        device.adopt_tree(tree)
+        self._register(device)
+        return device
+
+    @staticmethod
+    async def _start(config: DeviceConfig, driver: Minidriver,
+                      executor: ThreadPoolExecutor) -> tuple[DeviceInfo, DriverItem]:
+        """Initialise the driver and build its item tree, on the device's worker."""
         loop = asyncio.get_running_loop()
         step = "initialise"
         try:
@@ -172,16 +303,29 @@ class DeviceManager:
             tree = await loop.run_in_executor(executor, driver.build_item_tree)
         except Exception as e:
             log.error(f"device failed to {step}", device=config.id, driver=config.driver, error=str(e))
-            if config.id not in self.unplugged:  # a driver kept for replugging keeps its worker
-                executor.shutdown(wait=False)
             raise Failed(f"device {config.id} failed to {step}: {e}") from e
-        device = Device(self, config, driver, info, executor)
-        device.adopt_tree(tree)
-        self.devices[config.id] = device
-        self.unplugged.pop(config.id, None)
-        device.log.info("device added", driver=driver.name, name=info.name)
+        return info, tree
+
+    @staticmethod
+    async def _discard(driver: Minidriver, executor: ThreadPoolExecutor) -> None:
+        """Let a driver that is not used after all close what it opened."""
+        loop = asyncio.get_running_loop()
+        try:
+            await asyncio.wait_for(loop.run_in_executor(executor, driver.shutdown), DEVICE_STOP_TIMEOUT)
+        except Exception as e:
+            log.debug("discarded driver did not shut down cleanly", driver=driver.name, error=str(e) or type(e).__name__)
+        executor.shutdown(wait=False)
+
+    def _register(self, device: Device) -> None:
+        self.generations[device.id] = device.generation = self.generations.get(device.id, 0) + 1
+        self.devices[device.id] = device
+        self.unplugged.pop(device.id, None)
+        if device.failure:
+            device.log.info("failed device added", driver=device.driver.name, reason=device.failure)
+        else:
+            device.log.info("device added", driver=device.driver.name, name=device.info.name,
+                            generation=device.generation)
         self.notify("device_added", device)
-        return device
 
     def check_string(self, value: str, what: str) -> None:
         """Refuse a client's string longer than ``service.max_string_length``."""
@@ -217,7 +361,9 @@ class DeviceManager:
         self.notify("device_removed", device)
         if not keep_driver:
             try:
-                await device.call(device.driver.shutdown)
+                await asyncio.wait_for(device.call(device.driver.shutdown), DEVICE_STOP_TIMEOUT)
+            except TimeoutError:
+                device.log.warning("driver did not shut down in time", timeout_s=DEVICE_STOP_TIMEOUT)
             except Exception as e:
                 device.log.warning("driver shutdown failed", error=str(e))
             device.executor.shutdown(wait=False)
@@ -241,11 +387,12 @@ class DeviceManager:
         report: list[dict[str, Any]] = []
         earlier = [d for d in self.departed.get(device_id, []) if d.live_items]
         self.departed[device_id] = earlier
-        for generation, device in enumerate(earlier):
-            report += [{**entry, "present": False, "generation": generation} for entry in device.item_report()]
+        for device in earlier:
+            report += [{**entry, "present": False, "generation": device.generation} for entry in device.item_report()]
         present = self.devices.get(device_id)
         if present is not None:
-            report += [{**entry, "present": True, "generation": len(earlier)} for entry in present.item_report()]
+            report += [{**entry, "present": True, "generation": present.generation}
+                       for entry in present.item_report()]
         elif not earlier:
             raise NotFound(f"no device {quote(device_id)}")
         return report
@@ -395,8 +542,9 @@ class DeviceManager:
         for backend in self.backends:
             try:
                 await backend.start(self)
-            except Exception:
-                log.exception("discovery backend failed to start", backend=backend.name)
+            except Exception as e:  # the other backends, and the service, go on without it
+                log.error("discovery backend failed to start", backend=backend.name, error=str(e) or type(e).__name__)
+                log.debug("discovery backend failure", backend=backend.name, exc_info=e)
 
     async def stop(self) -> None:
         for backend in self.backends:

@@ -59,8 +59,15 @@ async def device_objects(manager: Manager) -> dict[str, dict[str, dict[str, Any]
 
 
 @command("list", "list the devices",
-         description="One line per device: its id, state, the client holding it in data mode, and its name.")
+         arg("--all", "-a", action="store_true",
+             help="also every device discovery found: the driver it matched, or why none did"),
+         description="One line per device: its id, state, the client holding it in data mode, and its name. "
+                     "A failed device shows why. With --all, one line per device that discovery found "
+                     "(configured, USB, ...) with the driver it matched and what became of it: the place "
+                     "to look when a device does not show up.")
 async def cmd_list(ctl: Ctl, args: argparse.Namespace) -> int:
+    if args.all:
+        return await list_candidates(ctl)
     devices = device_rows(await device_objects(ctl.client.manager))
     if ctl.json:
         print_json(devices)
@@ -68,7 +75,32 @@ async def cmd_list(ctl: Ctl, args: argparse.Namespace) -> int:
         print("no devices", file=sys.stderr)
     else:
         print_table(["ID", "STATE", "DATA MODE", "NAME"],
-                    [[d.get("Id"), d.get("State"), d.get("DataModeHolder") or "-", d.get("Name")] for d in devices])
+                    [[d.get("Id"), _state(d), d.get("DataModeHolder") or "-", d.get("Name")] for d in devices])
+    return 0
+
+
+def _state(device: dict[str, Any]) -> str:
+    reason = device.get("StateReason")
+    return f"{device.get('State')} ({reason})" if reason else str(device.get("State"))
+
+
+async def list_candidates(ctl: Ctl) -> int:
+    candidates = await ctl.client.manager.candidates()
+    if ctl.json:
+        print_json([c.as_dict() for c in candidates])
+        return 0
+    if not candidates:
+        print("discovery found nothing", file=sys.stderr)
+        return 0
+    rows = []
+    for c in candidates:
+        what = f"{c.vendor_id}:{c.product_id}" if c.vendor_id else c.port or "-"
+        if c.status == "added":
+            outcome = f"device {c.device_id}"
+        else:
+            outcome = f"{c.status}: {c.reason}" if c.reason else c.status
+        rows.append([c.subsystem, c.id, what, c.name or "-", c.driver or "-", outcome])
+    print_table(["FROM", "CANDIDATE", "ID/PORT", "NAME", "DRIVER", "RESULT"], rows)
     return 0
 
 

@@ -48,6 +48,7 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar, Protocol
 
 from stillsvc.common.errors import AccessDenied, NotSupported
+from stillsvc.common.names import stable_id
 from stillsvc.driver.items import DriverItem, Valid
 
 
@@ -84,22 +85,26 @@ class PortPolicy(enum.Enum):
 @dataclass(frozen=True)
 class DeviceConfig:
     """What a driver instance is made for: the device's id, the driver's name, the
-    port to reach it on, a display name and driver-specific options."""
+    port to reach it on, a display name, driver-specific options, and what
+    discovery knows of the device (``properties``: for a USB device its udev
+    properties, such as ``ID_VENDOR_ID``, ``ID_SERIAL_SHORT``, ``DEVNAME``)."""
 
     id: str
     driver: str
     port: str = ""
     name: str = ""
     options: dict[str, Any] = field(default_factory=dict)
+    properties: Mapping[str, str] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
 class Candidate:
     """A device a discovery backend found, described by what drivers match on.
 
-    ``id`` is the backend's stable device id (it survives replugging); ``driver``
-    names a driver outright (a configured device) and is empty when the matcher
-    is to choose from the drivers' :class:`Match` declarations.
+    ``id`` is the backend's stable id for it, unique among the backend's
+    candidates (it survives replugging, see :meth:`device_id`); ``driver`` names a driver outright (a configured device)
+    and is empty when the matcher is to choose from the drivers' :class:`Match`
+    declarations.
     """
 
     id: str
@@ -107,6 +112,8 @@ class Candidate:
     port: str = ""
     name: str = ""
     driver: str = ""
+    vendor: str = ""
+    model: str = ""
     vendor_id: int | None = None
     product_id: int | None = None
     serial: str = ""
@@ -116,8 +123,15 @@ class Candidate:
     properties: Mapping[str, str] = field(default_factory=dict)
     options: Mapping[str, Any] = field(default_factory=dict)
 
+    def device_id(self, driver: str) -> str:
+        """The id of the device this candidate becomes with ``driver``: a configured
+        device keeps its own; a discovered one is ``<driver>-<id>`` (README,
+        "Device ids")."""
+        return self.id if self.subsystem == "config" else stable_id(driver, self.id)
+
     def config(self, driver: str) -> DeviceConfig:
-        return DeviceConfig(id=self.id, driver=driver, port=self.port, name=self.name, options=dict(self.options))
+        return DeviceConfig(id=self.device_id(driver), driver=driver, port=self.port, name=self.name,
+                            options=dict(self.options), properties=dict(self.properties))
 
 
 @dataclass(frozen=True)

@@ -46,6 +46,8 @@ RULES: dict[tuple[str, str], str] = {
     (MANAGER_IFACE, "GetDevices"): PUBLIC,
     (MANAGER_IFACE, "FindDevice"): PUBLIC,
     (MANAGER_IFACE, "GetDriverItems"): PUBLIC,
+    # what lsusb shows any user: ids, names, serial numbers
+    (MANAGER_IFACE, "GetCandidates"): PUBLIC,
     (MANAGER_IFACE, "CreateDevice"): USE,
     (MANAGER_IFACE, "WatchEvents"): MANAGE,
     (MANAGER_IFACE, "UnwatchEvents"): PUBLIC,

@@ -70,6 +70,10 @@ class ManagerInterface(ServiceInterface):
         return self.service.export_session(session)
 
     @method()
+    def GetCandidates(self) -> "aa{sv}":
+        return [to_vardict(entry.describe()) for entry in self.service.manager.candidate_report()]
+
+    @method()
     def GetDriverItems(self, device_id: "s") -> "aa{sv}":
         check_string(self.service, device_id, "device_id")
         return [to_vardict(entry) for entry in self.service.manager.item_report(device_id)]
@@ -132,6 +136,8 @@ class DeviceInterface(ServiceInterface):
             "Driver": Variant("s", d.driver.name),
             "Port": Variant("s", d.config.port),
             "State": Variant("s", d.state),
+            "StateReason": Variant("s", d.failure),
+            "Generation": Variant("u", d.generation),
             "Capabilities": Variant("as", list(d.info.capabilities)),
             "EventNames": Variant("as", list(d.info.event_names)),
             "DataModeHeld": Variant("b", holder is not None),
@@ -148,6 +154,8 @@ class DeviceInterface(ServiceInterface):
         expanded = set(names)
         if "DataModeHolder" in expanded:
             expanded.add("DataModeHeld")
+        if "StateReason" in expanded:
+            expanded.add("State")
         self.emit_properties_changed({n: snap[n].value for n in expanded if n in snap})
 
     @dbus_property(access=PropertyAccess.READ)
@@ -185,6 +193,14 @@ class DeviceInterface(ServiceInterface):
     @dbus_property(access=PropertyAccess.READ)
     def State(self) -> "s":
         return self.device.state
+
+    @dbus_property(access=PropertyAccess.READ)
+    def StateReason(self) -> "s":
+        return self.device.failure
+
+    @dbus_property(access=PropertyAccess.READ)
+    def Generation(self) -> "u":
+        return self.device.generation
 
     @dbus_property(access=PropertyAccess.READ)
     def Capabilities(self) -> "as":
