@@ -213,8 +213,12 @@ class Monitor:
 
     def added(self, path: str, properties: dict[str, Any]) -> None:
         name = properties.get("Name") or "-"
-        state = properties.get("State") or "-"
-        self.emit("added", path, f"added: {name} ({state})", properties=properties)
+        text = f"added: {name} ({_state(properties) if properties.get('State') else '-'})"
+        if properties.get("Port"):
+            text += f" on {properties['Port']}"
+        if int(properties.get("Generation") or 1) > 1:
+            text += f", plugged in again (generation {properties['Generation']})"
+        self.emit("added", path, text, properties=properties)
 
     def interfaces_added(self, path: str, interfaces: dict[str, dict[str, Any]]) -> None:
         known = self.objects.setdefault(path, {})
