@@ -31,7 +31,8 @@ from __future__ import annotations
 
 import asyncio
 from collections import deque
-from typing import Any
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
 
 import structlog
 
@@ -48,10 +49,10 @@ HUB_CLASS = 0x09
 def parse_interfaces(text: str) -> tuple[tuple[int, int, int], ...]:
     """udev's ID_USB_INTERFACES (``:060101:030102:``) as (class, subclass, protocol) triples."""
     triples = []
-    for field in text.split(":"):
-        if len(field) == 6:
+    for entry in text.split(":"):
+        if len(entry) == 6:
             try:
-                triples.append((int(field[0:2], 16), int(field[2:4], 16), int(field[4:6], 16)))
+                triples.append((int(entry[0:2], 16), int(entry[2:4], 16), int(entry[4:6], 16)))
             except ValueError:
                 continue
     return tuple(triples)
@@ -76,26 +77,33 @@ def _text(value: str | None) -> str:
     return (value or "").replace("_", " ").strip()
 
 
-class _Snapshot:
-    """What a uevent said about a device: its properties and the attributes we use,
-    copied at once (a pyudev Device reads sysfs lazily, and sysfs may be gone by
-    the time the event is handled)."""
+@dataclass
+class Snapshot:
+    """What a uevent said about a device: its properties and the sysfs attributes
+    we use, copied at once (a pyudev Device reads sysfs lazily, and sysfs may be
+    gone by the time the event is handled)."""
 
-    ATTRIBUTES = ("idVendor", "idProduct", "serial", "manufacturer", "product", "busnum", "devnum",
-                  "bDeviceClass")
+    ATTRIBUTES: ClassVar[tuple[str, ...]] = ("idVendor", "idProduct", "serial", "manufacturer", "product",
+                                             "busnum", "devnum", "bDeviceClass")
 
-    def __init__(self, device: Any) -> None:
-        self.path: str = device.device_path
-        self.sys_name: str = device.sys_name
-        self.action: str = device.action or "add"
-        self.properties: dict[str, str] = {str(k): str(v) for k, v in device.properties.items()}
-        self.attributes: dict[str, str] = {}
-        if self.action != "remove":
-            for name in self.ATTRIBUTES:
+    path: str
+    sys_name: str
+    action: str = "add"
+    properties: dict[str, str] = field(default_factory=dict)
+    attributes: dict[str, str] = field(default_factory=dict)
+
+    @classmethod
+    def of(cls, device: Any) -> Snapshot:
+        """A pyudev Device's snapshot (a device enumerated at start is an ``add``)."""
+        snap = cls(path=device.device_path, sys_name=device.sys_name, action=device.action or "add",
+                   properties={str(k): str(v) for k, v in device.properties.items()})
+        if snap.action != "remove":
+            for name in cls.ATTRIBUTES:
                 try:
-                    self.attributes[name] = device.attributes.asstring(name).strip()
+                    snap.attributes[name] = device.attributes.asstring(name).strip()
                 except (KeyError, OSError, UnicodeDecodeError):
                     pass
+        return snap
 
     def get(self, prop: str, attribute: str | None = None) -> str:
         value = self.properties.get(prop, "")
@@ -104,7 +112,7 @@ class _Snapshot:
         return value
 
 
-def candidate_of(snap: _Snapshot, taken: frozenset[str] = frozenset(), known: str | None = None) -> Candidate | None:
+def candidate_of(snap: Snapshot, taken: frozenset[str] = frozenset(), known: str | None = None) -> Candidate | None:
     """The candidate a USB device is, or None for a hub or a device that says too
     little (no vendor or product id). ``taken``: ids other present devices have;
     ``known``: the id the device has already (it keeps its port-based one)."""
@@ -152,7 +160,7 @@ class UdevDiscovery:
         #: Candidate id of each device that has one, by sysfs path.
         self.known: dict[str, str] = {}
         #: Events waiting, and the task handling them, by sysfs path.
-        self.pending: dict[str, deque[_Snapshot]] = {}
+        self.pending: dict[str, deque[Snapshot]] = {}
         self.workers: dict[str, asyncio.Task[None]] = {}
 
     async def start(self, sink: Sink) -> None:
@@ -172,7 +180,7 @@ class UdevDiscovery:
         self.monitor = monitor
         self.loop.add_reader(monitor.fileno(), self._readable)
         for device in context.list_devices(subsystem="usb", DEVTYPE="usb_device"):
-            self._queue(_Snapshot(device))
+            self._queue(Snapshot.of(device))
         # Return once the devices present at start are added (or have failed).
         if self.workers:
             await asyncio.wait(list(self.workers.values()))
@@ -200,9 +208,9 @@ class UdevDiscovery:
                 continue
             if device is None:
                 return
-            self._queue(_Snapshot(device))
+            self._queue(Snapshot.of(device))
 
-    def _queue(self, snap: _Snapshot) -> None:
+    def _queue(self, snap: Snapshot) -> None:
         queue = self.pending.setdefault(snap.path, deque())
         if snap.action == "remove":
             queue.clear()  # whatever was waiting before the device went is moot
@@ -227,7 +235,7 @@ class UdevDiscovery:
             if not queue:
                 self.pending.pop(path, None)
 
-    async def _handle(self, snap: _Snapshot) -> None:
+    async def _handle(self, snap: Snapshot) -> None:
         assert self.sink is not None
         known = self.known.get(snap.path)
         if snap.action == "remove":
