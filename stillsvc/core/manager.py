@@ -282,7 +282,8 @@ class DeviceManager:
             executor = ThreadPoolExecutor(1, thread_name_prefix=f"device-{path_element}")
         try:
             info, tree = await self._start(config, driver, executor)
-        except Failed:
+        except Failed as e:
+            log.error("device failed", device=config.id, driver=config.driver, reason=e.message)
             if config.id not in self.unplugged:  # a driver kept for replugging keeps its worker
                 executor.shutdown(wait=False)
             raise
@@ -296,14 +297,13 @@ class DeviceManager:
                       executor: ThreadPoolExecutor) -> tuple[DeviceInfo, DriverItem]:
         """Initialise the driver and build its item tree, on the device's worker."""
         loop = asyncio.get_running_loop()
-        step = "initialise"
+        step = "initialise the device"
         try:
             info = await loop.run_in_executor(executor, driver.initialize, config.port, Mode.STATUS)
             step = "build its item tree"
             tree = await loop.run_in_executor(executor, driver.build_item_tree)
         except Exception as e:
-            log.error(f"device failed to {step}", device=config.id, driver=config.driver, error=str(e))
-            raise Failed(f"device {config.id} failed to {step}: {e}") from e
+            raise Failed(f"the {config.driver} driver could not {step}: {e or type(e).__name__}") from e
         return info, tree
 
     @staticmethod

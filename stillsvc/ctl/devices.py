@@ -81,7 +81,7 @@ async def cmd_list(ctl: Ctl, args: argparse.Namespace) -> int:
 
 def _state(device: dict[str, Any]) -> str:
     reason = device.get("StateReason")
-    return f"{device.get('State')} ({reason})" if reason else str(device.get("State"))
+    return f"{device.get('State')}: {reason}" if reason else str(device.get("State"))
 
 
 async def list_candidates(ctl: Ctl) -> int:
@@ -217,7 +217,7 @@ class Monitor:
         if properties.get("Port"):
             text += f" on {properties['Port']}"
         if int(properties.get("Generation") or 1) > 1:
-            text += f", plugged in again (generation {properties['Generation']})"
+            text += f", generation {properties['Generation']}"
         self.emit("added", path, text, properties=properties)
 
     def interfaces_added(self, path: str, interfaces: dict[str, dict[str, Any]]) -> None:
