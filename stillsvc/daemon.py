@@ -35,6 +35,7 @@ from stillsvc.discovery.udev import UdevDiscovery
 from stillsvc.frontends.dbus.agents import AgentBridge
 from stillsvc.frontends.dbus.bus import ServiceBus
 from stillsvc.frontends.dbus.service import Service
+from stillsvc.frontends.saned.server import SanedServer
 
 log = structlog.get_logger("stillsvc")
 
@@ -137,6 +138,16 @@ async def run(args: argparse.Namespace, cfg: Config) -> int:
     AgentBridge(service, monitor)
     await service.start()
     monitor.start()
+    saned = None
+    if cfg.saned is not None:
+        saned = SanedServer(manager, cfg.saned)
+        try:
+            await saned.start()
+        except OSError as e:
+            print(f"stillsvc: the SANE network server cannot listen: {e}", file=sys.stderr)
+            await manager.stop()
+            bus.disconnect()
+            return EXIT_CONFIG
     # Devices before the name, so a client that sees the name sees the devices; a
     # device that fails or hangs while starting is logged and left out.
     await manager.start(discovery_backends(args, cfg))
@@ -167,6 +178,8 @@ async def run(args: argparse.Namespace, cfg: Config) -> int:
     for task in (watchdog, stopping, disconnected):
         if task is not None:
             task.cancel()
+    if saned is not None:
+        await saned.stop()
     service.stop()
     monitor.stop()
     await manager.stop()

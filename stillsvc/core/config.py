@@ -18,6 +18,15 @@ Example::
     [udev]
     discover = true               # serve USB devices as they appear (needs pyudev)
 
+    [saned]                       # the SANE network server; off without this table
+    listen = ["127.0.0.1"]
+    port = 6566
+    allow = ["127.0.0.0/8"]       # client networks
+    start_wait_ms = 10000         # START waits this long for the device, then DEVICE_BUSY
+    page_wait_ms = 60000          # a feeder job waits this long for the next START
+    max_connections = 64
+    max_connections_per_peer = 8
+
     [[device]]
     id = "scanner1"
     driver = "sim"
@@ -28,13 +37,15 @@ Example::
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import re
 import tomllib
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from stillsvc.common.limits import MAX_WAIT_MS
 from stillsvc.common.names import valid_device_id
 from stillsvc.driver import DeviceConfig
 
@@ -67,6 +78,20 @@ class Limits:
 
 
 @dataclass(frozen=True)
+class SanedSettings:
+    """The ``[saned]`` table: the SANE network server (off without the table)."""
+
+    listen: tuple[str, ...] = ("127.0.0.1",)
+    port: int = 6566
+    allow: tuple[str, ...] = ("127.0.0.0/8",)
+    users_file: str | None = None
+    start_wait_ms: int = 10_000
+    page_wait_ms: int = 60_000
+    max_connections: int = 64
+    max_connections_per_peer: int = 8
+
+
+@dataclass(frozen=True)
 class Config:
     limits: Limits = field(default_factory=Limits)
     devices: tuple[DeviceConfig, ...] = ()
@@ -74,6 +99,8 @@ class Config:
     state_dir: str = DEFAULT_STATE_DIR
     #: Discover USB devices through udev (``[udev] discover``).
     udev_discover: bool = True
+    #: The SANE network server's settings; None: it does not run.
+    saned: SanedSettings | None = None
     source: str | None = None
 
 
@@ -142,11 +169,11 @@ def load(path: str | os.PathLike[str]) -> Config:
 
 def parse(data: dict[str, Any], name: str = "<config>", where: _Locator | None = None) -> Config:
     where = where or _Locator("")
-    unknown = set(data) - {"service", "udev", "device"}
+    unknown = set(data) - {"service", "udev", "saned", "device"}
     if unknown:
         key = sorted(unknown)[0]
         raise ConfigError(name, where.key(key, None) or where.table(key),
-                          f"unknown section or key '{key}' (expected [service], [udev] or [[device]])")
+                          f"unknown section or key '{key}' (expected [service], [udev], [saned] or [[device]])")
 
     service = data.get("service", {})
     if not isinstance(service, dict):
@@ -206,5 +233,39 @@ def parse(data: dict[str, Any], name: str = "<config>", where: _Locator | None =
         seen.add(entry["id"])
         devices.append(DeviceConfig(**entry))
 
+    saned = _saned(data["saned"], name, where) if "saned" in data else None
     return Config(limits=Limits(**limits), devices=tuple(devices), udev_discover=udev.get("discover", True),
-                  source=name, **paths)
+                  saned=saned, source=name, **paths)
+
+
+def _saned(table: Any, name: str, where: _Locator) -> SanedSettings:
+    if not isinstance(table, dict):
+        raise ConfigError(name, where.key("saned", None), "'saned' must be a table")
+    line = where.table("saned")
+    known = {f.name for f in fields(SanedSettings)}
+    values: dict[str, Any] = {}
+    for key, value in table.items():
+        at = where.key(key, line)
+        if key not in known:
+            raise ConfigError(name, at, f"unknown key saned.{key} (known: {', '.join(sorted(known))})")
+        if key in ("listen", "allow"):
+            if not isinstance(value, list) or not value or not all(isinstance(v, str) for v in value):
+                raise ConfigError(name, at, f"saned.{key} must be a non-empty list of strings")
+            for item in value:
+                try:
+                    ipaddress.ip_address(item) if key == "listen" else ipaddress.ip_network(item, strict=False)
+                except ValueError:
+                    what = "an IP address" if key == "listen" else "a network such as 192.168.1.0/24"
+                    raise ConfigError(name, at, f"saned.{key}: {item!r} is not {what}") from None
+            values[key] = tuple(value)
+        elif key == "users_file":
+            if not isinstance(value, str) or not value.startswith("/"):
+                raise ConfigError(name, at, "saned.users_file must be an absolute path")
+            values[key] = value
+        else:
+            low, high = {"port": (1, 65535), "start_wait_ms": (0, MAX_WAIT_MS), "page_wait_ms": (100, MAX_WAIT_MS),
+                         "max_connections": (1, 100_000), "max_connections_per_peer": (1, 100_000)}[key]
+            if type(value) is not int or not low <= value <= high:
+                raise ConfigError(name, at, f"saned.{key} must be an integer from {low} to {high}, not {value!r}")
+            values[key] = value
+    return SanedSettings(**values)

@@ -494,7 +494,7 @@ class DeviceManager:
     async def _close_sessions_of(self, client: Client) -> None:
         # Its waits were failed above, and a gone client can wait for nothing new.
         for session in self.sessions_of(client.name):
-            await self.close_session(session, why="client left the bus")
+            await self.close_session(session, why="the client left")
 
     # -- events -----------------------------------------------------------------
     def driver_event(self, device_id: str, event: DeviceEvent) -> None:
