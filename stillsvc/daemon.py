@@ -22,9 +22,10 @@ from dbus_fast.constants import NameFlag
 from stillsvc import __version__, notify
 from stillsvc import drivers as driver_registry
 from stillsvc import log as log_module
+from stillsvc.common.activation import listening_sockets
 from stillsvc.common.names import BUS_NAME
 from stillsvc.core import config as config_module
-from stillsvc.core.config import Config, ConfigError
+from stillsvc.core.config import Config, ConfigError, SanedSettings
 from stillsvc.core.events import EventMonitor
 from stillsvc.core.manager import DeviceManager
 from stillsvc.core.registry import Registry
@@ -35,6 +36,7 @@ from stillsvc.discovery.udev import UdevDiscovery
 from stillsvc.frontends.dbus.agents import AgentBridge
 from stillsvc.frontends.dbus.bus import ServiceBus
 from stillsvc.frontends.dbus.service import Service
+from stillsvc.frontends.saned.server import SOCKET_NAME as SANED_SOCKET
 from stillsvc.frontends.saned.server import SanedServer
 
 log = structlog.get_logger("stillsvc")
@@ -139,8 +141,9 @@ async def run(args: argparse.Namespace, cfg: Config) -> int:
     await service.start()
     monitor.start()
     saned = None
-    if cfg.saned is not None:
-        saned = SanedServer(manager, cfg.saned)
+    # On when configured, or when systemd passes its socket (stillsvc-saned.socket enabled).
+    if cfg.saned is not None or listening_sockets(SANED_SOCKET):
+        saned = SanedServer(manager, cfg.saned or SanedSettings())
         try:
             await saned.start()
         except OSError as e:

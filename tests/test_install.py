@@ -39,6 +39,7 @@ def expected_layout() -> dict[str, Path]:
     """Installed path (below DESTDIR) → the source file it is a copy of."""
     layout = {
         "usr/lib/systemd/system/stillsvc.service": REPO / "systemd/stillsvc.service",
+        "usr/lib/systemd/system/stillsvc-saned.socket": REPO / "systemd/stillsvc-saned.socket",
         "usr/lib/systemd/user/stillsvc-agent.service": REPO / "systemd/stillsvc-agent.service",
         "usr/lib/sysusers.d/stillsvc.conf": REPO / "systemd/stillsvc.sysusers",
         f"usr/share/dbus-1/system.d/{BUS_NAME}.conf": REPO / f"dbus/{BUS_NAME}.conf",

@@ -27,15 +27,19 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
+import hmac
 import ipaddress
-import os
+import secrets
 import socket
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import structlog
 
+from stillsvc.common.activation import listening_sockets
 from stillsvc.common.errors import (
     AccessDenied,
     Busy,
@@ -78,8 +82,8 @@ log = structlog.get_logger(__name__)
 RECORD_BYTES = 256 * 1024
 #: How long a client has to connect to the data port after START.
 DATA_CONNECT_TIMEOUT = 10.0
-#: systemd socket activation: the first descriptor passed.
-LISTEN_FDS_START = 3
+#: The name of the server's sockets under systemd (stillsvc-saned.socket).
+SOCKET_NAME = "saned"
 
 
 def status_of(error: StillError) -> Status:
@@ -123,7 +127,7 @@ class SanedServer:
         self._tasks: set[asyncio.Task[Any]] = set()
 
     async def start(self) -> None:
-        sockets = _systemd_sockets()
+        sockets = listening_sockets(SOCKET_NAME)
         if sockets:
             for sock in sockets:
                 self.servers.append(await asyncio.start_server(self._accept, sock=sock))
@@ -314,6 +318,8 @@ class Connection:
     async def _open(self) -> None:
         name = await self.reader.text()
         try:
+            if self.server.config.users_file and not await self._authorized(name):
+                raise AccessDenied(f"no access to device {name} for this user")
             handle = await self._open_device(name)
         except StillError as e:
             self.log.info("OPEN refused", device=name, error=e.message)
@@ -449,10 +455,44 @@ class Connection:
         self.send(w)
 
     async def _authorize(self) -> None:
+        """An AUTHORIZE nobody asked for: acknowledged, and nothing else."""
         await self.reader.text()  # resource
         await self.reader.text()  # user
         await self.reader.text()  # password
         self.send(Writer().word(0))
+
+    async def _authorized(self, name: str) -> bool:
+        """saned's challenge: OPEN answers with a resource to authorize holding a
+        random salt; the client sends AUTHORIZE with a user and "$MD5$" +
+        md5(salt + password) (the frontend computes it: scanimage does); after
+        acknowledging it the real OPEN reply follows. The
+        users file has saned's ``user:password:resource`` lines, the resource
+        being a device id (or ``*`` for every device)."""
+        device_id = name or "*"
+        salt = secrets.token_hex(16)
+        resource = f"{device_id}$MD5${salt}"
+        self.send(Writer().word(Status.GOOD).word(0).string(resource))
+        await self.writer.drain()
+        proc = await self.reader.word()
+        if proc != Proc.AUTHORIZE:
+            raise ProtocolError(f"expected AUTHORIZE after the challenge, not procedure {proc}")
+        answered = await self.reader.text()
+        user = await self.reader.text()
+        password = await self.reader.text()
+        self.send(Writer().word(0))
+        if answered != resource:
+            self.log.warning("AUTHORIZE for another resource", device=device_id, user=user)
+            return False
+        for entry_user, secret, allowed in await asyncio.to_thread(_users, self.server.config.users_file or ""):
+            if entry_user == user and allowed in (device_id, "*"):
+                # The frontend sends "$MD5$" + md5(salt + password), or (as saned
+                # also accepts) the password itself.
+                digest = "$MD5$" + hashlib.md5((salt + secret).encode()).hexdigest()
+                if hmac.compare_digest(password.encode(), (digest if password.startswith("$MD5$") else secret).encode()):
+                    self.log.info("SANE user authorized", user=user, device=device_id)
+                    return True
+        self.log.warning("SANE user refused", user=user, device=device_id)
+        return False
 
     async def _cancel(self) -> None:
         handle = await self._handle()
@@ -608,24 +648,22 @@ class Connection:
             await self.manager.close_session(data, why=f"SANE job ended ({why})")
 
 
-def _systemd_sockets() -> list[socket.socket]:
-    """Listening sockets passed by systemd (``LISTEN_FDS``), meant for this process."""
-    if os.environ.get("LISTEN_PID") != str(os.getpid()):
-        return []
+def _users(path: str) -> list[tuple[str, str, str]]:
+    """The ``user:password:resource`` lines of a saned users file (unreadable: none)."""
     try:
-        count = int(os.environ.get("LISTEN_FDS", "0"))
-    except ValueError:
+        text = Path(path).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        log.error("SANE users file unreadable: nobody is authorized", path=path, error=str(e))
         return []
-    sockets = []
-    for fd in range(LISTEN_FDS_START, LISTEN_FDS_START + count):
-        sock = socket.socket(fileno=fd)
-        if sock.type == socket.SOCK_STREAM and sock.family in (socket.AF_INET, socket.AF_INET6):
-            sockets.append(sock)
-        else:
-            sock.detach()
-    for name in ("LISTEN_PID", "LISTEN_FDS", "LISTEN_FDNAMES"):
-        os.environ.pop(name, None)
-    return sockets
+    entries = []
+    for line in text.splitlines():
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        parts = line.split(":")
+        if len(parts) == 3 and all(parts):
+            entries.append((parts[0], parts[1], parts[2]))
+    return entries
 
 
 __all__ = ["SanedServer", "status_of"]
