@@ -22,7 +22,7 @@ from dbus_fast.constants import NameFlag
 from stillsvc import __version__, notify
 from stillsvc import drivers as driver_registry
 from stillsvc import log as log_module
-from stillsvc.common.activation import listening_sockets
+from stillsvc.activation import listening_sockets
 from stillsvc.common.names import BUS_NAME
 from stillsvc.core import config as config_module
 from stillsvc.core.config import Config, ConfigError, SanedSettings
@@ -142,8 +142,9 @@ async def run(args: argparse.Namespace, cfg: Config) -> int:
     monitor.start()
     saned = None
     # On when configured, or when systemd passes its socket (stillsvc-saned.socket enabled).
-    if cfg.saned is not None or listening_sockets(SANED_SOCKET):
-        saned = SanedServer(manager, cfg.saned or SanedSettings())
+    passed = listening_sockets(SANED_SOCKET)
+    if cfg.saned is not None or passed:
+        saned = SanedServer(manager, cfg.saned or SanedSettings(), passed)
         try:
             await saned.start()
         except OSError as e:

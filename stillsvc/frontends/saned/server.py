@@ -39,7 +39,6 @@ from typing import Any
 
 import structlog
 
-from stillsvc.common.activation import listening_sockets
 from stillsvc.common.errors import (
     AccessDenied,
     Busy,
@@ -117,9 +116,12 @@ def _sane_type(device: Device) -> str:
 class SanedServer:
     """Listens for SANE network clients and serves them from the core."""
 
-    def __init__(self, manager: DeviceManager, config: SanedSettings) -> None:
+    def __init__(self, manager: DeviceManager, config: SanedSettings,
+                 sockets: list[socket.socket] | None = None) -> None:
         self.manager = manager
         self.config = config
+        #: Listening sockets to serve instead of opening our own (systemd's).
+        self.sockets = list(sockets or ())
         self.networks = [ipaddress.ip_network(n, strict=False) for n in config.allow]
         self.servers: list[asyncio.base_events.Server] = []
         self.connections: set[Connection] = set()
@@ -127,7 +129,7 @@ class SanedServer:
         self._tasks: set[asyncio.Task[Any]] = set()
 
     async def start(self) -> None:
-        sockets = listening_sockets(SOCKET_NAME)
+        sockets = self.sockets
         if sockets:
             for sock in sockets:
                 self.servers.append(await asyncio.start_server(self._accept, sock=sock))

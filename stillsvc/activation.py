@@ -1,6 +1,6 @@
 """Sockets passed by systemd (socket activation: ``LISTEN_FDS``, ``LISTEN_FDNAMES``).
 
-Each front-end that listens on the network takes the sockets named for it
+The daemon hands each front-end that listens on the network the sockets named for it
 (``FileDescriptorName=`` in its ``.socket`` unit) instead of opening its own, so
 that systemd can start the service on the first connection and hold the port
 while the service restarts.
