@@ -1,9 +1,9 @@
 """Sockets passed by systemd (socket activation: ``LISTEN_FDS``, ``LISTEN_FDNAMES``).
 
-The daemon hands each front-end that listens on the network the sockets named for it
-(``FileDescriptorName=`` in its ``.socket`` unit) instead of opening its own, so
-that systemd can start the service on the first connection and hold the port
-while the service restarts.
+The daemon hands each front-end that listens on the network the sockets named
+for it (``FileDescriptorName=`` in its ``.socket`` unit), to serve instead of
+opening its own, so that systemd can start the service on the first connection
+and hold the port while the service restarts.
 """
 
 from __future__ import annotations
