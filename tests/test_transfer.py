@@ -502,14 +502,14 @@ async def test_feeder_png_gives_one_page_per_transfer(client):
         assert summary["pages"] == 1
         assert Image.open(io.BytesIO(data)).tobytes() == pattern(32, 24, "color", fed + i)
         assert await sim(client, "PagesLoaded") == 1 - i
-    e = await expect_error("Failed", transfer(client, feeder, "png"))
+    e = await expect_error("Empty", transfer(client, feeder, "png"))
     assert "empty" in e.text
 
 
 async def test_empty_feeder_fails(client):
     _, root = await open_items(client)
     assert await sim(client, "PagesLoaded") == 0
-    e = await expect_error("Failed", transfer(client, root + "/Feeder", "raw"))
+    e = await expect_error("Empty", transfer(client, root + "/Feeder", "raw"))
     assert "feeder is empty" in e.text
 
 

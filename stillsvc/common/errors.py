@@ -65,7 +65,8 @@ class Cancelled(StillError):
 
 
 class Empty(StillError):
-    """Nothing to take: no event is queued (the session itself is fine)."""
+    """Nothing to take: no event is queued, the feeder has no pages (the session
+    itself is fine)."""
 
     name = "Empty"
 

@@ -18,7 +18,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
-from stillsvc.common.errors import Disconnected, Failed, InvalidArgument
+from stillsvc.common.errors import Disconnected, Empty, Failed, InvalidArgument
 from stillsvc.driver import (
     DeviceEvent,
     DeviceInfo,
@@ -272,7 +272,7 @@ class SimulatedScanner(Minidriver):
         if self.jammed:
             raise Failed("paper jam in the document feeder: clear it and reset the device")
         if self.pages_loaded == 0:
-            raise Failed("the document feeder is empty")
+            raise Empty("the document feeder is empty")
         wanted = values["pages"] or FEEDER_CAPACITY
         sides = 2 if values["source"] == "duplex" else 1
         count = 0

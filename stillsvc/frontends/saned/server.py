@@ -575,6 +575,9 @@ class Connection:
         finally:
             if not peer.done():
                 peer.cancel()
+                # The read must be over before the next request is read.
+                with contextlib.suppress(asyncio.CancelledError):
+                    await peer
         if task in done:
             return task.result()
         task.cancel()
