@@ -193,6 +193,10 @@ def _unfix(word: int) -> float:
     return word / 65536.0
 
 
+#: SANE_Auth_Callback: (resource, username buffer, password buffer), buffers of 128 bytes.
+_AUTH = ctypes.CFUNCTYPE(None, ctypes.c_char_p, ctypes.c_void_p, ctypes.c_void_p)
+
+
 def _fix(value: float) -> int:
     return int(round(value * 65536))
 
@@ -223,6 +227,23 @@ class SaneClient:
         self.handle = ctypes.c_void_p()
         self.opened = False
         self.descriptors: dict[str, int] = {}
+        #: (user, password, "md5" or "plain") that the authorization callback answers with.
+        self.credentials: tuple[str, str, str] | None = None
+        self.asked: list[str] = []
+        self._callback = _AUTH(self._authorize)
+
+    def _authorize(self, resource: bytes, user: int, password: int) -> None:
+        """What scanimage's callback does: the password as "$MD5$" + md5(salt +
+        password) when the resource carries a salt, else as it is."""
+        text = resource.decode()
+        self.asked.append(text)
+        if self.credentials is None:
+            return
+        name, secret, how = self.credentials
+        if how == "md5" and "$MD5$" in text:
+            secret = "$MD5$" + hashlib.md5((text.split("$MD5$", 1)[1] + secret).encode()).hexdigest()
+        ctypes.memmove(user, name.encode() + b"\0", len(name) + 1)
+        ctypes.memmove(password, secret.encode() + b"\0", len(secret) + 1)
 
     @staticmethod
     def status(code: int) -> str:
@@ -230,7 +251,7 @@ class SaneClient:
 
     def init(self) -> dict[str, Any]:
         version = Word()
-        st = self.lib.sane_init(ctypes.byref(version), None)
+        st = self.lib.sane_init(ctypes.byref(version), self._callback)
         return {"status": self.status(st), "version": version.value}
 
     def devices(self) -> dict[str, Any]:
@@ -402,6 +423,11 @@ def run_ops(ops: list[list[Any]], out: Any = sys.stdout) -> None:
         name, args = op[0], op[1:]
         if name == "mark":
             result: dict[str, Any] = {"mark": args[0]}
+        elif name == "auth":  # before init: ["auth", user, password, "md5" | "plain"]
+            client.credentials = (args[0], args[1], args[2])
+            result = {"status": "GOOD"}
+        elif name == "asked":
+            result = {"status": "GOOD", "resources": client.asked}
         elif name == "init":
             result = client.init()
         elif name == "devices":

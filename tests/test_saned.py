@@ -642,3 +642,28 @@ async def test_peer_outside_allow_is_refused(start_net):
     await call(net.bus, session, SESSION, "Close")
     assert listening(net.ns, PORT)
     assert_daemon_healthy(net.daemon)
+
+
+async def test_authorize_with_a_users_file(start_net, tmp_path):
+    users = tmp_path / "saned.users"
+    users.write_text("# user:password:device\nalice:secret:sim0\nbob:hunter2:other\n")
+    net = await start_net(users_file=str(users))
+
+    async def open_as(user: str, password: str, how: str = "md5") -> tuple[str, list[str]]:
+        (_, _, opened, asked, _) = await net.sane_ops([["auth", user, password, how], ["init"],
+                                                       ["open", DEVICE_NAME], ["asked"], ["exit"]])
+        return opened["status"], asked["resources"]
+
+    status, asked = await open_as("alice", "secret")
+    assert status == "GOOD"
+    (resource,) = asked  # the challenge: the device and a fresh salt
+    assert resource.startswith(f"{DEVICE_NAME}$MD5$") and len(resource.split("$MD5$")[1]) == 32
+    assert (await open_as("alice", "secret", "plain"))[0] == "GOOD"  # as saned, a plain password too
+    assert (await open_as("alice", "wrong"))[0] == "ACCESS_DENIED"
+    assert (await open_as("bob", "hunter2"))[0] == "ACCESS_DENIED"  # bob may use "other" only
+    assert (await open_as("mallory", "secret"))[0] == "ACCESS_DENIED"
+    # A refused open took nothing: D-Bus gets data mode at once.
+    session = await create_session(net.bus, mode="data", wait_ms=Variant("u", 0))
+    await call(net.bus, session, SESSION, "Close")
+    assert "Traceback" not in net.daemon.log
+    assert_daemon_healthy(net.daemon)
