@@ -125,18 +125,33 @@ class ProtocolError(Exception):
     """A request that does not decode: the connection is ended."""
 
 
+#: Once a request has begun, the rest of it must arrive within this many seconds
+#: (between requests a client may be silent for as long as it likes).
+REQUEST_TIMEOUT = 30.0
+
+
 class Reader:
     """Reads a request's fields from the control connection, with limits."""
 
-    def __init__(self, stream: asyncio.StreamReader) -> None:
+    def __init__(self, stream: asyncio.StreamReader, timeout: float = REQUEST_TIMEOUT) -> None:
         self.stream = stream
+        self.timeout = timeout
+
+    async def next_request(self) -> int:
+        """The procedure number of the next request, however long it takes to come."""
+        return await self._word(None)
 
     async def word(self) -> int:
+        return await self._word(self.timeout)
+
+    async def _word(self, timeout: float | None) -> int:
         try:
-            data = await self.stream.readexactly(4)
+            data = await asyncio.wait_for(self.stream.readexactly(4), timeout)
         except asyncio.IncompleteReadError as e:
             raise EOFError("the peer closed the connection") if not e.partial else \
                 ProtocolError("the request ended inside a word") from None
+        except TimeoutError:
+            raise ProtocolError(f"the request stalled for {self.timeout:g} s") from None
         return _WORD.unpack(data)[0]
 
     async def length(self, limit: int, what: str) -> int:
@@ -150,9 +165,11 @@ class Reader:
         if n == 0:
             return None
         try:
-            data = await self.stream.readexactly(n)
+            data = await asyncio.wait_for(self.stream.readexactly(n), self.timeout)
         except asyncio.IncompleteReadError:
             raise ProtocolError("the request ended inside a string") from None
+        except TimeoutError:
+            raise ProtocolError(f"the request stalled for {self.timeout:g} s") from None
         return data.split(b"\0", 1)[0].decode("utf-8", "replace")
 
     async def text(self, limit: int = MAX_STRING) -> str:
@@ -161,9 +178,11 @@ class Reader:
     async def raw(self, size: int) -> bytes:
         """``size`` bytes of an array of bytes whose length word was already read."""
         try:
-            return await self.stream.readexactly(size)
+            return await asyncio.wait_for(self.stream.readexactly(size), self.timeout)
         except asyncio.IncompleteReadError:
             raise ProtocolError("the request ended inside its value") from None
+        except TimeoutError:
+            raise ProtocolError(f"the request stalled for {self.timeout:g} s") from None
 
     async def words(self, limit: int) -> list[int]:
         n = await self.length(limit, "word array")

@@ -274,7 +274,7 @@ class Connection:
     # -- the request loop ----------------------------------------------------------------
     async def _serve(self) -> None:
         r = self.reader
-        proc = await r.word()
+        proc = await r.next_request()
         if proc != Proc.INIT:
             raise ProtocolError(f"the first request must be INIT, not {proc}")
         version = await r.word()
@@ -291,7 +291,7 @@ class Connection:
             Proc.AUTHORIZE: self._authorize,
         }
         while not self.closed:
-            proc = await r.word()
+            proc = await r.next_request()
             if proc == Proc.EXIT:
                 return
             handler = handlers.get(proc)
@@ -578,6 +578,10 @@ class Connection:
                 # The read must be over before the next request is read.
                 with contextlib.suppress(asyncio.CancelledError):
                     await peer
+        if peer.done() and not peer.cancelled() and peer.result():
+            # A request before the reply to the last one: the client broke the protocol
+            # (what the step took is given back as the connection ends).
+            raise ProtocolError("a request arrived before the reply to the last one")
         if task in done:
             return task.result()
         task.cancel()
