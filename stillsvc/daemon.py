@@ -25,7 +25,7 @@ from stillsvc import log as log_module
 from stillsvc.activation import listening_sockets
 from stillsvc.common.names import BUS_NAME
 from stillsvc.core import config as config_module
-from stillsvc.core.config import Config, ConfigError, SanedSettings
+from stillsvc.core.config import Config, ConfigError, EsclSettings, SanedSettings
 from stillsvc.core.events import EventMonitor
 from stillsvc.core.manager import DeviceManager
 from stillsvc.core.registry import Registry
@@ -36,6 +36,9 @@ from stillsvc.discovery.udev import UdevDiscovery
 from stillsvc.frontends.dbus.agents import AgentBridge
 from stillsvc.frontends.dbus.bus import ServiceBus
 from stillsvc.frontends.dbus.service import Service
+from stillsvc.frontends.escl.mdns import Announcer
+from stillsvc.frontends.escl.server import SOCKET_NAME as ESCL_SOCKET
+from stillsvc.frontends.escl.server import EsclServer
 from stillsvc.frontends.saned.server import SOCKET_NAME as SANED_SOCKET
 from stillsvc.frontends.saned.server import SanedServer
 
@@ -152,6 +155,19 @@ async def run(args: argparse.Namespace, cfg: Config) -> int:
             await manager.stop()
             bus.disconnect()
             return EXIT_CONFIG
+    escl = announcer = None
+    passed = listening_sockets(ESCL_SOCKET)
+    if cfg.escl is not None or passed:
+        escl = EsclServer(manager, cfg.escl or EsclSettings(), passed)
+        try:
+            await escl.start()
+        except OSError as e:
+            print(f"stillsvc: the eSCL server cannot listen: {e}", file=sys.stderr)
+            if saned is not None:
+                await saned.stop()
+            await manager.stop()
+            bus.disconnect()
+            return EXIT_CONFIG
     # Devices before the name, so a client that sees the name sees the devices; a
     # device that fails or hangs while starting is logged and left out.
     await manager.start(discovery_backends(args, cfg))
@@ -162,6 +178,10 @@ async def run(args: argparse.Namespace, cfg: Config) -> int:
         await manager.stop()
         bus.disconnect()
         return EXIT_NAME_TAKEN
+    if escl is not None and escl.config.mdns:
+        # After the devices: each exported one is announced as it is added.
+        announcer = Announcer(escl)
+        await announcer.start()
     log.info("service ready", bus=args.bus, unique_name=bus.unique_name, devices=len(manager.devices),
              runtime_dir=cfg.runtime_dir, version=__version__)
     notify.notify(f"READY=1\nSTATUS=Serving {len(manager.devices)} device(s)")
@@ -182,6 +202,10 @@ async def run(args: argparse.Namespace, cfg: Config) -> int:
     for task in (watchdog, stopping, disconnected):
         if task is not None:
             task.cancel()
+    if escl is not None:
+        await escl.stop()
+    if announcer is not None:
+        await announcer.stop()
     if saned is not None:
         await saned.stop()
     service.stop()

@@ -43,11 +43,13 @@ import re
 import tomllib
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from stillsvc.common.limits import MAX_WAIT_MS
 from stillsvc.common.names import valid_device_id
 from stillsvc.driver import DeviceConfig
+
+T = TypeVar("T")
 
 DEFAULT_RUNTIME_DIR = "/run/stillsvc"
 DEFAULT_STATE_DIR = "/var/lib/stillsvc"
@@ -92,6 +94,20 @@ class SanedSettings:
 
 
 @dataclass(frozen=True)
+class EsclSettings:
+    """The ``[escl]`` table: the eSCL (AirScan) server and its mDNS announcements."""
+
+    listen: tuple[str, ...] = ("127.0.0.1",)
+    port: int = 8090
+    allow: tuple[str, ...] = ("127.0.0.0/8",)
+    devices: tuple[str, ...] = ("*",)
+    mdns: bool = True
+    idle_ms: int = 60_000
+    max_connections: int = 64
+    max_request_bytes: int = 65_536
+
+
+@dataclass(frozen=True)
 class Config:
     limits: Limits = field(default_factory=Limits)
     devices: tuple[DeviceConfig, ...] = ()
@@ -101,6 +117,8 @@ class Config:
     udev_discover: bool = True
     #: The SANE network server's settings; None: it does not run.
     saned: SanedSettings | None = None
+    #: The eSCL server's settings; None: it does not run.
+    escl: EsclSettings | None = None
     source: str | None = None
 
 
@@ -169,11 +187,12 @@ def load(path: str | os.PathLike[str]) -> Config:
 
 def parse(data: dict[str, Any], name: str = "<config>", where: _Locator | None = None) -> Config:
     where = where or _Locator("")
-    unknown = set(data) - {"service", "udev", "saned", "device"}
+    unknown = set(data) - {"service", "udev", "saned", "escl", "device"}
     if unknown:
         key = sorted(unknown)[0]
         raise ConfigError(name, where.key(key, None) or where.table(key),
-                          f"unknown section or key '{key}' (expected [service], [udev], [saned] or [[device]])")
+                          f"unknown section or key '{key}' (expected [service], [udev], [saned], [escl] "
+                          "or [[device]])")
 
     service = data.get("service", {})
     if not isinstance(service, dict):
@@ -233,39 +252,54 @@ def parse(data: dict[str, Any], name: str = "<config>", where: _Locator | None =
         seen.add(entry["id"])
         devices.append(DeviceConfig(**entry))
 
-    saned = _saned(data["saned"], name, where) if "saned" in data else None
+    saned = _listener("saned", data["saned"], name, where, SanedSettings) if "saned" in data else None
+    escl = _listener("escl", data["escl"], name, where, EsclSettings) if "escl" in data else None
     return Config(limits=Limits(**limits), devices=tuple(devices), udev_discover=udev.get("discover", True),
-                  saned=saned, source=name, **paths)
+                  saned=saned, escl=escl, source=name, **paths)
 
 
-def _saned(table: Any, name: str, where: _Locator) -> SanedSettings:
+#: Integer keys of the network servers' tables: (minimum, maximum).
+_LISTENER_INTEGERS = {"port": (1, 65535), "start_wait_ms": (0, MAX_WAIT_MS), "page_wait_ms": (100, MAX_WAIT_MS),
+                      "idle_ms": (100, MAX_WAIT_MS), "max_connections": (1, 100_000),
+                      "max_connections_per_peer": (1, 100_000), "max_request_bytes": (1024, 16 * 1024 * 1024)}
+
+
+def _listener(section: str, table: Any, name: str, where: _Locator, kind: type[T]) -> T:
+    """A network server's table ([saned], [escl]) checked key by key against ``kind``."""
     if not isinstance(table, dict):
-        raise ConfigError(name, where.key("saned", None), "'saned' must be a table")
-    line = where.table("saned")
-    known = {f.name for f in fields(SanedSettings)}
+        raise ConfigError(name, where.key(section, None), f"'{section}' must be a table")
+    line = where.table(section)
+    known = {f.name for f in fields(kind)}  # type: ignore[arg-type]
     values: dict[str, Any] = {}
     for key, value in table.items():
         at = where.key(key, line)
         if key not in known:
-            raise ConfigError(name, at, f"unknown key saned.{key} (known: {', '.join(sorted(known))})")
-        if key in ("listen", "allow"):
+            raise ConfigError(name, at, f"unknown key {section}.{key} (known: {', '.join(sorted(known))})")
+        if key in ("listen", "allow", "devices"):
             if not isinstance(value, list) or not value or not all(isinstance(v, str) for v in value):
-                raise ConfigError(name, at, f"saned.{key} must be a non-empty list of strings")
+                raise ConfigError(name, at, f"{section}.{key} must be a non-empty list of strings")
             for item in value:
+                if key == "devices":
+                    if item != "*" and not valid_device_id(item):
+                        raise ConfigError(name, at, f"{section}.devices: {item!r} is not a device id or \"*\"")
+                    continue
                 try:
                     ipaddress.ip_address(item) if key == "listen" else ipaddress.ip_network(item, strict=False)
                 except ValueError:
                     what = "an IP address" if key == "listen" else "a network such as 192.168.1.0/24"
-                    raise ConfigError(name, at, f"saned.{key}: {item!r} is not {what}") from None
+                    raise ConfigError(name, at, f"{section}.{key}: {item!r} is not {what}") from None
             values[key] = tuple(value)
         elif key == "users_file":
             if not isinstance(value, str) or not value.startswith("/"):
-                raise ConfigError(name, at, "saned.users_file must be an absolute path")
+                raise ConfigError(name, at, f"{section}.users_file must be an absolute path")
+            values[key] = value
+        elif key == "mdns":
+            if not isinstance(value, bool):
+                raise ConfigError(name, at, f"{section}.mdns must be true or false, not {value!r}")
             values[key] = value
         else:
-            low, high = {"port": (1, 65535), "start_wait_ms": (0, MAX_WAIT_MS), "page_wait_ms": (100, MAX_WAIT_MS),
-                         "max_connections": (1, 100_000), "max_connections_per_peer": (1, 100_000)}[key]
+            low, high = _LISTENER_INTEGERS[key]
             if type(value) is not int or not low <= value <= high:
-                raise ConfigError(name, at, f"saned.{key} must be an integer from {low} to {high}, not {value!r}")
+                raise ConfigError(name, at, f"{section}.{key} must be an integer from {low} to {high}, not {value!r}")
             values[key] = value
-    return SanedSettings(**values)
+    return kind(**values)

@@ -25,6 +25,7 @@ from typing import Any
 from stillsvc.common.errors import InvalidArgument
 from stillsvc.core.devices import Device
 from stillsvc.core.items import AppItem
+from stillsvc.driver.items import Access
 from stillsvc.frontends.saned.protocol import (
     Cap,
     Descriptor,
@@ -190,7 +191,7 @@ class Options:
             if item is not self.item:
                 self.item = item
                 self.area = self._clip_area(self.area)
-            if item.values.get("source") != source and item.specs["source"].access.value != "read":
+            if item.values.get("source") != source and item.specs["source"].access is not Access.READ:
                 await self.device.write_item_properties(item, {"source": source})
             self.source_name = name
         elif d.name == "mode":
@@ -313,7 +314,7 @@ def _size(names: list[str]) -> int:
 
 
 def _cap(attr: dict[str, Any]) -> Cap:
-    if attr.get("access") == "read":
+    if attr.get("access") == Access.READ.value:
         return Cap.SOFT_DETECT
     return Cap.SOFT_SELECT | Cap.SOFT_DETECT | Cap.AUTOMATIC
 
