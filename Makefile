@@ -61,7 +61,7 @@ INSTALL_DATA ?= $(INSTALL) -m 0644
 INSTALL_DIR ?= $(INSTALL) -d -m 0755
 
 BUS_NAME := org.stillsvc.StillImage1
-SYSTEM_UNITS := systemd/stillsvc.service systemd/stillsvc-saned.socket
+SYSTEM_UNITS := systemd/stillsvc.service systemd/stillsvc-saned.socket systemd/stillsvc-escl.socket
 USER_UNITS := systemd/stillsvc-agent.service
 INTERFACES := $(sort $(wildcard dbus/$(BUS_NAME).*.xml))
 UDEV_RULES := udev/70-stillsvc.rules

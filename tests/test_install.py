@@ -40,6 +40,7 @@ def expected_layout() -> dict[str, Path]:
     layout = {
         "usr/lib/systemd/system/stillsvc.service": REPO / "systemd/stillsvc.service",
         "usr/lib/systemd/system/stillsvc-saned.socket": REPO / "systemd/stillsvc-saned.socket",
+        "usr/lib/systemd/system/stillsvc-escl.socket": REPO / "systemd/stillsvc-escl.socket",
         "usr/lib/systemd/user/stillsvc-agent.service": REPO / "systemd/stillsvc-agent.service",
         "usr/lib/sysusers.d/stillsvc.conf": REPO / "systemd/stillsvc.sysusers",
         f"usr/share/dbus-1/system.d/{BUS_NAME}.conf": REPO / f"dbus/{BUS_NAME}.conf",
