@@ -24,6 +24,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ipaddress
+import logging
+import sys
 import time
 import uuid as uuidlib
 from collections import OrderedDict
@@ -65,6 +67,8 @@ SOCKET_NAME = "escl"
 #: Finished jobs kept for ScannerStatus.
 JOB_HISTORY = 16
 RETRY_AFTER_S = 2
+#: How long ScannerStatus waits for the device's own status.
+STATUS_TIMEOUT = 2.0
 #: An item's source value -> eSCL's input.
 SOURCE_KINDS = {"flatbed": "Platen", "feeder": "AdfSimplex", "duplex": "AdfDuplex"}
 
@@ -103,6 +107,7 @@ class EsclJob:
     last_page: tuple[int, int, int] | None = None  # width, height, bytes per line
     finished: bool = False
     idle: asyncio.TimerHandle | None = None
+    sending: asyncio.Lock = field(default_factory=asyncio.Lock)
 
     @property
     def uri(self) -> str:
@@ -128,7 +133,7 @@ class EsclServer:
         app = web.Application(client_max_size=self.config.max_request_bytes, middlewares=[self._errors])
         app.router.add_route("*", BASE + "/{path:.*}", self._dispatch)
         app.router.add_route("*", BASE, self._dispatch)
-        self.runner = web.AppRunner(app, access_log=None, handle_signals=False)
+        self.runner = web.AppRunner(app, access_log=None, handle_signals=False, logger=_HttpLog())
         await self.runner.setup()
         loop = asyncio.get_running_loop()
         if self.sockets:
@@ -226,7 +231,7 @@ class EsclServer:
         if route == ("ScannerCapabilities",) and method == "GET":
             return await self._capabilities(request, self._device(device_id), base)
         if route == ("ScannerStatus",) and method == "GET":
-            return self._status(self._device(device_id))
+            return await self._status(self._device(device_id))
         if route == ("ScanJobs",) and method == "POST":
             return await self._create_job(request, self._device(device_id), base)
         if len(route) >= 2 and route[0] == "ScanJobs":
@@ -295,12 +300,36 @@ class EsclServer:
                                           [s for s, _, _ in sources], capacity)
         return _xml(await self._with_items(device, build))
 
-    def _status(self, device: Device) -> web.Response:
+    async def _status(self, device: Device) -> web.Response:
         busy = device.data_holder is not None or device.held_outside or device.standing_back
         now = time.monotonic()
         jobs = [JobStatus(j.uuid, j.uri, int(now - j.created), j.pages, j.state, j.reason)
                 for j in reversed(self.jobs.values()) if j.device is device]
-        return _xml(documents.status("Processing" if busy else "Idle", jobs))
+        return _xml(documents.status("Processing" if busy else "Idle", jobs, await self._adf_state(device, busy)))
+
+    async def _adf_state(self, device: Device, busy: bool) -> str | None:
+        """The feeder's state (clients tell "out of documents" by it): asked of the
+        device only while nobody uses it; a feeder in use is "processing"."""
+        if "feeder" not in device.info.capabilities:
+            return None
+        if busy or device.device_lock.holder is not None:
+            return "ScannerAdfProcessing"
+        client = Client(name=f"escl:status:{device.id}", internal=True, via="escl")
+        try:
+            session = await self.manager.create_session(device.id, Mode.STATUS, client)
+        except StillError:
+            return None
+        try:
+            status = await asyncio.wait_for(device.get_status(session), STATUS_TIMEOUT)
+        except (StillError, TimeoutError):
+            return None
+        finally:
+            await self.manager.close_session(session, why="eSCL status read")
+        if status.get("jammed"):
+            return "ScannerAdfJam"
+        if "paper_loaded" in status:
+            return "ScannerAdfLoaded" if status["paper_loaded"] else "ScannerAdfEmpty"
+        return None
 
     # -- jobs -----------------------------------------------------------------------------------
     async def _create_job(self, request: web.Request, device: Device, base: str) -> web.Response:
@@ -343,16 +372,21 @@ class EsclServer:
                 if settings.x_resolution not in source.resolutions:
                     raise BadRequest(409, f"resolution {settings.x_resolution} is not offered by {wanted} "
                                           f"(one of {', '.join(map(str, source.resolutions))})")
+                if settings.region is not None:
+                    x, y, width, height = settings.region
+                    if x + width > source.max_width or y + height > source.max_height:
+                        raise BadRequest(409, f"the scan region ({width}x{height} at {x},{y}) goes beyond the "
+                                              f"{source.max_width}x{source.max_height} of the {wanted} "
+                                              "(in 300ths of an inch)")
                 return item, value
         raise BadRequest(409, f"the scanner has no {wanted} input")
 
     async def _next_document(self, request: web.Request, job: EsclJob) -> web.StreamResponse:
-        if job.busy:
-            raise BadRequest(409, "a document of this job is being sent already")
         job.busy += 1
         job.last_request = time.monotonic()
         try:
-            return await self._send_document(request, job)
+            async with job.sending:  # one document at a time; the next asker waits its turn
+                return await self._send_document(request, job)
         finally:
             job.busy -= 1
             job.last_request = time.monotonic()
@@ -376,11 +410,13 @@ class EsclServer:
                     response.enable_chunked_encoding()
                     await response.prepare(request)
                 page = image_info(info)
-                await response.write(encoder.begin_page(page))
+                # Encoding runs on a thread of its own (a JPEG page is ~100 ms of work),
+                # never on the event loop.
+                await response.write(await asyncio.to_thread(encoder.begin_page, page))
                 while (band := await core.read()) is not None:
-                    if data := encoder.add_rows(band):
+                    if data := await asyncio.to_thread(encoder.add_rows, band):
                         await response.write(data)
-                await response.write(encoder.end_page())
+                await response.write(await asyncio.to_thread(encoder.end_page))
                 job.pages += 1
                 job.last_page = (page.width, page.height, page.bytes_per_line)
                 if fmt != "pdf":
@@ -390,7 +426,7 @@ class EsclServer:
                 if not job.pages:
                     raise Empty("the document feeder is empty") if job.feeder else Empty("nothing was scanned")
                 raise web.HTTPNotFound(text="the job has no more documents\n")
-            await response.write(encoder.finish())
+            await response.write(await asyncio.to_thread(encoder.finish))
             await response.write_eof()
         except (ConnectionError, asyncio.CancelledError):
             await self._finish(job, "Aborted", "the client went away mid-page")
@@ -466,6 +502,21 @@ def _values_for(item: AppItem, settings: ScanSettings, source: str) -> dict[str,
 
 def _xml(body: bytes) -> web.Response:
     return web.Response(body=body, content_type="text/xml", charset="utf-8")
+
+
+class _HttpLog(logging.Logger):
+    """aiohttp's own log of requests it could not parse: a client's mistake, told
+    in one line without a traceback (aiohttp has answered it with a 400)."""
+
+    def __init__(self) -> None:
+        super().__init__("stillsvc.escl.http")
+
+    def _log(self, level: int, msg: object, args: Any, exc_info: Any = None, **kwargs: Any) -> None:
+        error = exc_info if isinstance(exc_info, BaseException) else sys.exc_info()[1] if exc_info else None
+        text = (msg % args) if args else str(msg)
+        if error is not None:
+            text = f"{text}: {type(error).__name__}: {str(error)[:200]}"
+        log.info("eSCL: bad HTTP from a client", detail=text)
 
 
 class _Gate(asyncio.Protocol):
