@@ -161,8 +161,8 @@ async def run(args: argparse.Namespace, cfg: Config) -> int:
         escl = EsclServer(manager, cfg.escl or EsclSettings(), passed)
         try:
             await escl.start()
-        except OSError as e:
-            print(f"stillsvc: the eSCL server cannot listen: {e}", file=sys.stderr)
+        except OSError as e:  # ssl.SSLError too: an unusable certificate
+            print(f"stillsvc: the eSCL server cannot start: {e}", file=sys.stderr)
             if saned is not None:
                 await saned.stop()
             await manager.stop()

@@ -105,6 +105,9 @@ class EsclSettings:
     idle_ms: int = 60_000
     max_connections: int = 64
     max_request_bytes: int = 65_536
+    #: HTTPS: a PEM certificate (chain) and its private key; announced as _uscans._tcp.
+    certificate: str | None = None
+    private_key: str | None = None
 
 
 @dataclass(frozen=True)
@@ -289,9 +292,9 @@ def _listener(section: str, table: Any, name: str, where: _Locator, kind: type[T
                     what = "an IP address" if key == "listen" else "a network such as 192.168.1.0/24"
                     raise ConfigError(name, at, f"{section}.{key}: {item!r} is not {what}") from None
             values[key] = tuple(value)
-        elif key == "users_file":
+        elif key in ("users_file", "certificate", "private_key"):
             if not isinstance(value, str) or not value.startswith("/"):
-                raise ConfigError(name, at, f"{section}.users_file must be an absolute path")
+                raise ConfigError(name, at, f"{section}.{key} must be an absolute path")
             values[key] = value
         elif key == "mdns":
             if not isinstance(value, bool):
@@ -302,4 +305,6 @@ def _listener(section: str, table: Any, name: str, where: _Locator, kind: type[T
             if type(value) is not int or not low <= value <= high:
                 raise ConfigError(name, at, f"{section}.{key} must be an integer from {low} to {high}, not {value!r}")
             values[key] = value
+    if ("certificate" in values) != ("private_key" in values):
+        raise ConfigError(name, line, f"{section}.certificate and {section}.private_key go together")
     return kind(**values)

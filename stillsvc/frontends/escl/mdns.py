@@ -1,6 +1,7 @@
-"""mDNS (DNS-SD) announcements of the eSCL server: one ``_uscan._tcp`` service per
-exported scanner, registered when the device appears and withdrawn when it
-goes, on the server's listen addresses only (python-zeroconf).
+"""mDNS (DNS-SD) announcements of the eSCL server: one ``_uscan._tcp`` service
+(``_uscans._tcp`` over HTTPS) per exported scanner, registered when the device
+appears and withdrawn when it goes, on the server's listen addresses only
+(python-zeroconf).
 
 The TXT record holds what clients read (Mopria's eSCL specification, as
 sane-airscan, macOS and Windows use it): ``txtvers``, ``vers``, ``rs`` (the
@@ -27,6 +28,8 @@ from stillsvc.frontends.escl.server import EsclServer, device_uuid
 log = structlog.get_logger(__name__)
 
 SERVICE_TYPE = "_uscan._tcp.local."
+#: eSCL over HTTPS.
+SECURE_SERVICE_TYPE = "_uscans._tcp.local."
 #: A DNS-SD instance name is at most 63 bytes.
 MAX_NAME = 63
 
@@ -94,7 +97,8 @@ class Announcer(Listener):
         }
         addresses = [socket.inet_pton(socket.AF_INET6 if ":" in a else socket.AF_INET, a)
                      for a in self.server.config.listen if a not in ("0.0.0.0", "::")]
-        return ServiceInfo(SERVICE_TYPE, f"{name}.{SERVICE_TYPE}", port=self.server.config.port,
+        kind = SECURE_SERVICE_TYPE if self.server.secure else SERVICE_TYPE
+        return ServiceInfo(kind, f"{name}.{kind}", port=self.server.config.port,
                            properties=properties, addresses=addresses or None,
                            server=f"stillsvc-{device_uuid(device.id, self.server.machine)[:8]}.local.")
 
@@ -124,4 +128,4 @@ class Announcer(Listener):
             log.info("eSCL scanner withdrawn", device=device_id, service=info.name)
 
 
-__all__ = ["Announcer", "SERVICE_TYPE"]
+__all__ = ["Announcer", "SECURE_SERVICE_TYPE", "SERVICE_TYPE"]
