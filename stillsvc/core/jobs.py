@@ -199,10 +199,12 @@ class Job:
             self.state = JobState.DONE
         return info
 
-    async def read(self) -> bytes | None:
-        """The next band of rows of the current page; None at the end of the page."""
+    async def read(self, transform: Callable[[bytes], bytes] | None = None) -> bytes | None:
+        """The next band of rows of the current page; None at the end of the page.
+        ``transform`` (an encoder's ``add_rows``, say) is applied to the band on
+        the worker thread, in the same hop as reading it."""
         self._check_running()
-        band = await self._on_worker(self._next_band)
+        band = await self._on_worker(self._next_band_through, transform)
         self.touch()
         return band
 
@@ -230,6 +232,10 @@ class Job:
         self._bytes_per_line = max(1, image_info(page.info).bytes_per_line)
         self._bands = iter(page.bands())
         return page.info
+
+    def _next_band_through(self, transform: Callable[[bytes], bytes] | None) -> bytes | None:
+        band = self._next_band()
+        return band if band is None or transform is None else transform(band)
 
     def _next_band(self) -> bytes | None:
         if self._bands is None or self._page is None:

@@ -427,8 +427,8 @@ class EsclServer:
                 # Encoding runs on the device's worker, where the page is read (a JPEG
                 # page is ~70 ms of work), never on the event loop.
                 await response.write(await job.device.call(encoder.begin_page, page))
-                while (band := await core.read()) is not None:
-                    if data := await job.device.call(encoder.add_rows, band):
+                while (data := await core.read(encoder.add_rows)) is not None:
+                    if data:
                         await response.write(data)
                 await response.write(await job.device.call(encoder.end_page))
                 job.pages += 1
