@@ -10,10 +10,14 @@ anything; elements are looked up by local name, whatever prefix the client used.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 from xml.sax.saxutils import escape
 
 import defusedxml.ElementTree as SafeET
 from defusedxml import DefusedXmlException
+
+from stillsvc.core.items import AppItem
+from stillsvc.driver.items import Access
 
 SCAN_NS = "http://schemas.hp.com/imaging/escl/2011/05/03"
 PWG_NS = "http://www.pwg.org/schemas/2010/12/sm"
@@ -149,6 +153,31 @@ def image_info(job_uri: str, width: int, height: int, bytes_per_line: int) -> by
             + _e("scan:ActualBytesPerLine", bytes_per_line) + "</scan:ScanImageInfo>").encode()
 
 
+def item_values(item: AppItem, settings: ScanSettings, source: str) -> dict[str, Any]:
+    """The item's properties for ``settings``: mode, depth, resolution, source, area."""
+    mode, depth = COLOR_MODES[settings.color_mode]
+    dpi = settings.x_resolution
+    values: dict[str, Any] = {"mode": mode, "resolution": dpi}
+    if "depth" in item.specs:
+        values["depth"] = depth
+    if item.specs["source"].access is not Access.READ:
+        values["source"] = source
+    # The bed at the new resolution (rounded down, so the area always fits).
+    max_w = item.values["max_width"] * dpi // item.values["resolution"]
+    max_h = item.values["max_height"] * dpi // item.values["resolution"]
+    if settings.region is None:
+        x, y, w, h = 0, 0, max_w, max_h
+    else:
+        def px(units: int) -> int:
+            return round(units * dpi / UNITS_PER_INCH)
+        x, y = min(px(settings.region[0]), max_w - 1), min(px(settings.region[1]), max_h - 1)
+        w = max(1, min(px(settings.region[2]), max_w - x))
+        h = max(1, min(px(settings.region[3]), max_h - y))
+    if "x_offset" in item.specs:
+        values.update(x_offset=x, y_offset=y, width=w, height=h)
+    return values
+
+
 def _local(tag: str) -> str:
     return tag.rsplit("}", 1)[-1].rsplit(":", 1)[-1]
 
@@ -210,4 +239,4 @@ def parse_settings(body: bytes) -> ScanSettings:
 
 
 __all__ = ["BadRequest", "COLOR_MODES", "FORMATS", "JobStatus", "ScanSettings", "Source", "capabilities",
-           "image_info", "parse_settings", "status"]
+           "image_info", "item_values", "parse_settings", "status"]

@@ -55,9 +55,9 @@ from stillsvc.core.jobs import Job, image_info
 from stillsvc.core.manager import DeviceManager
 from stillsvc.core.sessions import Client, Session
 from stillsvc.driver import Mode
-from stillsvc.driver.items import Access
 from stillsvc.frontends.escl import documents
 from stillsvc.frontends.escl.documents import BadRequest, JobStatus, ScanSettings, Source
+from stillsvc.frontends.escl.web import ScanPage
 from stillsvc.imaging import make_encoder
 
 log = structlog.get_logger(__name__)
@@ -128,12 +128,15 @@ class EsclServer:
         self.servers: list[asyncio.base_events.Server] = []
         self.connections = 0
         self.runner: web.AppRunner | None = None
+        #: The scan page, on the same listener.
+        self.page = ScanPage(self)
 
     # -- lifetime ----------------------------------------------------------------------
     async def start(self) -> None:
         app = web.Application(client_max_size=self.config.max_request_bytes, middlewares=[self._errors])
         app.router.add_route("*", BASE + "/{path:.*}", self._dispatch)
         app.router.add_route("*", BASE, self._dispatch)
+        self.page.add_routes(app)
         self.runner = web.AppRunner(app, access_log=None, handle_signals=False, logger=_HttpLog())
         await self.runner.setup()
         loop = asyncio.get_running_loop()
@@ -163,6 +166,7 @@ class EsclServer:
     async def stop(self) -> None:
         for server in self.servers:
             server.close()
+        await self.page.stop()
         for job in list(self.jobs.values()):
             await self._finish(job, "Canceled", "the service is stopping")
         if self.runner is not None:
@@ -200,7 +204,7 @@ class EsclServer:
             found.append(device)
         return sorted(found, key=lambda d: d.id)
 
-    def _device(self, device_id: str | None) -> Device:
+    def device(self, device_id: str | None) -> Device:
         devices = self.exported()
         if device_id is None:
             if not devices:
@@ -243,11 +247,11 @@ class EsclServer:
         route = tuple(parts)
         method = request.method
         if route == ("ScannerCapabilities",) and method == "GET":
-            return await self._capabilities(request, self._device(device_id), base)
+            return await self._capabilities(request, self.device(device_id), base)
         if route == ("ScannerStatus",) and method == "GET":
-            return await self._status(self._device(device_id))
+            return await self._status(self.device(device_id))
         if route == ("ScanJobs",) and method == "POST":
-            return await self._create_job(request, self._device(device_id), base)
+            return await self._create_job(request, self.device(device_id), base)
         if len(route) >= 2 and route[0] == "ScanJobs":
             job = self.jobs.get(route[1])
             if job is None or job.base != base:
@@ -267,7 +271,7 @@ class EsclServer:
         raise web.HTTPNotFound(text=f"no such eSCL resource: {request.path[:80]}\n")
 
     # -- documents -------------------------------------------------------------------------------
-    async def _sources(self, device: Device, root: AppItem) -> list[tuple[Source, AppItem, str]]:
+    async def sources(self, device: Device, root: AppItem) -> list[tuple[Source, AppItem, str]]:
         found = []
         for item in root.walk():
             spec = item.specs.get("source")
@@ -291,7 +295,7 @@ class EsclServer:
                               item, value))
         return found
 
-    async def _with_items(self, device: Device, use: Callable[[AppItem], Awaitable[Any]]) -> Any:
+    async def with_items(self, device: Device, use: Callable[[AppItem], Awaitable[Any]]) -> Any:
         """Run ``use`` with the device's application items of a passing status session."""
         client = Client(name=f"escl:capabilities:{device.id}", internal=True, via="escl")
         session = await self.manager.create_session(device.id, Mode.STATUS, client)
@@ -305,14 +309,14 @@ class EsclServer:
 
     async def _capabilities(self, request: web.Request, device: Device, base: str) -> web.Response:
         async def build(root: AppItem) -> bytes:
-            sources = await self._sources(device, root)
+            sources = await self.sources(device, root)
             pages = [i.specs["pages"].valid for _, i, v in sources if v == "feeder" and "pages" in i.specs]
             capacity = int(getattr(pages[0], "maximum", 0)) if pages else 0
             model = " ".join(p for p in (device.info.vendor, device.info.model) if p) or device.info.name
             admin = f"{request.scheme}://{request.host}/"
             return documents.capabilities(model, device.info.serial, device_uuid(device.id, self.machine), admin,
                                           [s for s, _, _ in sources], capacity)
-        return _xml(await self._with_items(device, build))
+        return _xml(await self.with_items(device, build))
 
     async def _status(self, device: Device) -> web.Response:
         busy = device.data_holder is not None or device.held_outside or device.standing_back
@@ -358,8 +362,8 @@ class EsclServer:
             root = device.items_for(session)
             if root is None:
                 raise Disconnected(f"device {device.id} has no items")
-            item, source = await self._item_for(device, root, settings)
-            await device.write_item_properties(item, _values_for(item, settings, source))
+            item, source = await self.item_for(device, root, settings)
+            await device.write_item_properties(item, documents.item_values(item, settings, source))
             feeder = source != "flatbed"
             job = Job(device, session, item, max_pages=None if feeder else 1, why="eSCL scan")
             await job.start()
@@ -376,10 +380,10 @@ class EsclServer:
                  format=settings.document_format)
         return web.Response(status=201, headers={"Location": f"{request.scheme}://{request.host}{escl.uri}"})
 
-    async def _item_for(self, device: Device, root: AppItem, settings: ScanSettings) -> tuple[AppItem, str]:
+    async def item_for(self, device: Device, root: AppItem, settings: ScanSettings) -> tuple[AppItem, str]:
         wanted = "AdfDuplex" if settings.input_source == "Feeder" and settings.duplex else \
             "AdfSimplex" if settings.input_source == "Feeder" else "Platen"
-        for source, item, value in await self._sources(device, root):
+        for source, item, value in await self.sources(device, root):
             if source.kind == wanted:
                 if settings.color_mode not in source.color_modes:
                     raise BadRequest(409, f"ColorMode {settings.color_mode} is not offered by {wanted}")
@@ -487,31 +491,6 @@ class EsclServer:
         finished = [k for k, j in self.jobs.items() if j.finished]
         for key in finished[: max(0, len(self.jobs) - JOB_HISTORY)]:
             del self.jobs[key]
-
-
-def _values_for(item: AppItem, settings: ScanSettings, source: str) -> dict[str, Any]:
-    """The item's properties for ``settings``: mode, depth, resolution, source, area."""
-    mode, depth = documents.COLOR_MODES[settings.color_mode]
-    dpi = settings.x_resolution
-    values: dict[str, Any] = {"mode": mode, "resolution": dpi}
-    if "depth" in item.specs:
-        values["depth"] = depth
-    if item.specs["source"].access is not Access.READ:
-        values["source"] = source
-    # The bed at the new resolution (rounded down, so the area always fits).
-    max_w = item.values["max_width"] * dpi // item.values["resolution"]
-    max_h = item.values["max_height"] * dpi // item.values["resolution"]
-    if settings.region is None:
-        x, y, w, h = 0, 0, max_w, max_h
-    else:
-        def px(units: int) -> int:
-            return round(units * dpi / documents.UNITS_PER_INCH)
-        x, y = min(px(settings.region[0]), max_w - 1), min(px(settings.region[1]), max_h - 1)
-        w = max(1, min(px(settings.region[2]), max_w - x))
-        h = max(1, min(px(settings.region[3]), max_h - y))
-    if "x_offset" in item.specs:
-        values.update(x_offset=x, y_offset=y, width=w, height=h)
-    return values
 
 
 def _xml(body: bytes) -> web.Response:
