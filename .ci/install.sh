@@ -11,7 +11,7 @@ if [ "$(id -u)" -ne 0 ]; then
     as_root=(sudo)
 fi
 
-packages=(dbus dbus-daemon dbus-bin libusb-1.0-0 umockdev util-linux systemd sane-utils libsane1 sane-airscan iproute2 openssl
+packages=(dbus dbus-daemon dbus-bin libusb-1.0-0 umockdev util-linux systemd sane-utils libsane1 sane-airscan iproute2 openssl chromium
           libdbus-1-dev libglib2.0-dev pkg-config gcc make)
 
 # Install into the python3 on PATH when it has pip and may be installed into
