@@ -5,6 +5,8 @@ prefixes every client accepts (sane-airscan refuses a default namespace).
 A client's body is parsed by defusedxml with DTDs and entities forbidden, after
 its size was checked, so a document cannot make the parser expand or fetch
 anything; elements are looked up by local name, whatever prefix the client used.
+Scan settings become an item's properties in :func:`item_values` (the scan page
+uses it too).
 """
 
 from __future__ import annotations
