@@ -1058,7 +1058,7 @@ async def test_oversized_bodies_get_413(start_escl):
     assert_daemon_healthy(small.daemon)
 
 
-UNKNOWN = [("GET", "/"), ("GET", "/eSCL/Nope"), ("GET", "/eSCL/nosuchdevice/ScannerStatus"),
+UNKNOWN = [("GET", "/nope"), ("GET", "/static/../README.md"), ("GET", "/eSCL/Nope"), ("GET", "/eSCL/nosuchdevice/ScannerStatus"),
            ("GET", "/eSCL/ScanJobs/" + str(uuid.UUID(int=1)) + "/NextDocument"),
            ("GET", "/eSCL/ScanJobs/not-a-uuid/NextDocument"), ("GET", "/eSCL/ScanJobs/../../etc/passwd"),
            ("GET", "/eSCL/%2e%2e/%2e%2e/etc/passwd"), ("DELETE", "/eSCL/ScanJobs/" + str(uuid.UUID(int=2))),
