@@ -326,8 +326,10 @@ class ScanPage(Listener):
         except (Busy, Timeout) as e:
             if not wait:
                 holder = device.data_holder
-                return web.json_response({"error": e.message, "holder": describe_holder(holder.client)
-                                          if holder else ""}, status=503)
+                who = describe_holder(holder.client) if holder else "another program"
+                log.info("web scan refused: the device is busy", device=device.id, holder=who, error=e.message)
+                return web.json_response({"error": f"{device.info.name or device.id} is in use by {who}",
+                                          "holder": who}, status=503)
             session = None
         except StillError as e:
             raise _refused(409, e.message) from None
@@ -336,7 +338,7 @@ class ScanPage(Listener):
         job.task = self.manager.spawn(self._run(job, session))
         log.info("web scan job created", device=device.id, client=client.name, job=job_id, format=fmt,
                  source=source, waiting=session is None)
-        return web.json_response(job.describe(), status=201)
+        return web.json_response({"job": job.id, **job.describe()}, status=201)
 
     # -- running a job --------------------------------------------------------------------------
     def _update(self, job: WebJob, **changes: Any) -> None:
@@ -461,10 +463,15 @@ class _Preview:
 
 
 def describe_holder(client: Client) -> str:
-    """Who holds a device, in words for the page."""
-    kind = {"dbus": "D-Bus client", "saned": "network client", "escl": "AirScan client",
-            "web": "web page"}.get(client.via, "the service")
-    return f"{kind} {client.describe()}"
+    """Who holds a device, in words for the page: "D-Bus client :1.42 (pid 1234,
+    simple-scan)", "network client 192.168.1.7", "web page 127.0.0.1"."""
+    if client.via in ("saned", "escl", "web"):
+        host = client.name.split(":", 1)[1].rsplit(":", 1)[0]  # <via>:<host>:<port or job>
+        kind = {"saned": "network client (SANE)", "escl": "AirScan client", "web": "web page"}[client.via]
+        return f"{kind} {host}"
+    if client.via == "dbus":
+        return f"D-Bus client {client.describe()}"
+    return f"the service ({client.name})"
 
 
 def _refused(status: int, reason: str) -> web.HTTPException:
