@@ -20,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import io
 import json
+import os
 import re
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
@@ -31,6 +32,7 @@ from dbus_fast import Variant
 from dbus_fast.aio import MessageBus
 from escl_env import HttpClient, Response
 from helpers import (
+    REPO,
     SESSION,
     SIM0,
     SIMULATOR,
@@ -64,6 +66,8 @@ MODEL = "Simulated Flatbed + ADF"
 #: Seconds for a DOM assertion: a state change comes through the event stream at once.
 UI_TIMEOUT = 10.0
 FILENAME = re.compile(r"^scan-\d{4}-\d{2}-\d{2}-\d{4}\.(pdf|png|jpg)$")
+#: Where the test run keeps what a person may want to look at afterwards (STILLSVC_TEST_ARTEFACTS).
+ARTEFACTS = Path(os.environ.get("STILLSVC_TEST_ARTEFACTS", str(REPO / "test-artefacts")))
 #: An area exact at 75 dpi: 50.8 x 40.64 mm is 600 x 480 300ths of an inch, 150 x 120 pixels.
 SMALL_MM = (50.8, 40.64)
 SMALL_PX = (150, 120)
@@ -344,6 +348,12 @@ async def test_a_flatbed_scan_to_png_is_downloaded_with_every_step_shown(web: We
     await expect(scan_button(card)).to_be_enabled()
     await expect(card.get_by_role("button", name="Cancel")).to_be_hidden()
     await expect(state_of(card)).to_have_text("ready")
+    # The page as a user sees it after a scan, kept as an artefact of the run.
+    ARTEFACTS.mkdir(parents=True, exist_ok=True)
+    shot = ARTEFACTS / "scan-page.png"
+    await page.screenshot(path=str(shot), full_page=True)
+    assert decode(shot.read_bytes()).size[0] > 0
+    print(f"screenshot of the scan page: {shot}")
     await web.assert_device_free()
     web.assert_clean()
 
