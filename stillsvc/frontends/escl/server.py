@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import ipaddress
 import logging
 import ssl
 import sys
@@ -48,6 +47,7 @@ from stillsvc.common.errors import (
     StillError,
     Timeout,
 )
+from stillsvc.common.networks import Allowed
 from stillsvc.core.config import EsclSettings
 from stillsvc.core.devices import Device
 from stillsvc.core.items import AppItem
@@ -122,7 +122,7 @@ class EsclServer:
         self.manager = manager
         self.config = config
         self.sockets = list(sockets or ())
-        self.networks = [ipaddress.ip_network(n, strict=False) for n in config.allow]
+        self.networks = Allowed(config.allow)
         self.machine = machine_id()
         self.jobs: OrderedDict[str, EsclJob] = OrderedDict()
         self.servers: list[asyncio.base_events.Server] = []
@@ -178,13 +178,7 @@ class EsclServer:
         return _Gate(self, self.runner.server)
 
     def allowed(self, host: str) -> bool:
-        try:
-            address = ipaddress.ip_address(host.split("%", 1)[0])
-        except ValueError:
-            return False
-        if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
-            address = address.ipv4_mapped
-        return any(address in network for network in self.networks)
+        return host in self.networks
 
     # -- which devices ------------------------------------------------------------------
     def exported(self) -> list[Device]:

@@ -29,7 +29,6 @@ import asyncio
 import contextlib
 import hashlib
 import hmac
-import ipaddress
 import secrets
 import socket
 from collections.abc import Awaitable, Callable
@@ -51,6 +50,7 @@ from stillsvc.common.errors import (
     StillError,
     Timeout,
 )
+from stillsvc.common.networks import Allowed
 from stillsvc.core.config import SanedSettings
 from stillsvc.core.devices import Device
 from stillsvc.core.jobs import Job, image_info
@@ -122,7 +122,7 @@ class SanedServer:
         self.config = config
         #: Listening sockets to serve instead of opening our own (systemd's).
         self.sockets = list(sockets or ())
-        self.networks = [ipaddress.ip_network(n, strict=False) for n in config.allow]
+        self.networks = Allowed(config.allow)
         self.servers: list[asyncio.base_events.Server] = []
         self.connections: set[Connection] = set()
         self.per_peer: dict[str, int] = {}
@@ -152,13 +152,7 @@ class SanedServer:
         self.servers.clear()
 
     def allowed(self, host: str) -> bool:
-        try:
-            address = ipaddress.ip_address(host.split("%", 1)[0])
-        except ValueError:
-            return False
-        if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
-            address = address.ipv4_mapped
-        return any(address in network for network in self.networks)
+        return host in self.networks
 
     async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         peer = writer.get_extra_info("peername") or ("?", 0)
