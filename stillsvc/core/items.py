@@ -83,6 +83,20 @@ class AppItem:
         self.driver_item.check_device_access()
 
 
+def scan_sources(root: AppItem) -> list[tuple[AppItem, Any]]:
+    """Every source of every scanning item under ``root``, as (item, source value):
+    an item scans when it has a ``resolution`` and a ``source`` (each of the
+    source's valid values is a source, e.g. a feeder's "feeder" and "duplex")."""
+    found = []
+    for item in root.walk():
+        spec = item.specs.get("source")
+        if spec is None or "resolution" not in item.specs:
+            continue
+        for value in getattr(spec.valid, "values", None) or (item.values["source"],):
+            found.append((item, value))
+    return found
+
+
 def build_app_tree(driver_root: DriverItem) -> AppItem:
     """Application items for every live driver item under ``driver_root``."""
 

@@ -29,7 +29,7 @@ import sys
 import time
 import uuid as uuidlib
 from collections import OrderedDict
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -50,7 +50,7 @@ from stillsvc.common.errors import (
 from stillsvc.common.networks import Allowed
 from stillsvc.core.config import EsclSettings
 from stillsvc.core.devices import Device
-from stillsvc.core.items import AppItem
+from stillsvc.core.items import AppItem, scan_sources
 from stillsvc.core.jobs import Job, image_info
 from stillsvc.core.manager import DeviceManager
 from stillsvc.core.sessions import Client, Session
@@ -267,12 +267,14 @@ class EsclServer:
     # -- documents -------------------------------------------------------------------------------
     async def sources(self, device: Device, root: AppItem) -> list[tuple[Source, AppItem, str]]:
         found = []
-        for item in root.walk():
-            spec = item.specs.get("source")
-            if spec is None or "resolution" not in item.specs:
+        attributes: dict[int, dict[str, Any]] = {}  # the driver is asked once per item
+        for item, value in scan_sources(root):
+            kind = SOURCE_KINDS.get(value)
+            if kind is None:
                 continue
-            attrs = await device.property_attributes(item)
-            values = item.values
+            if id(item) not in attributes:
+                attributes[id(item)] = await device.property_attributes(item)
+            attrs, values = attributes[id(item)], item.values
             modes = attrs.get("mode", {}).get("valid", {}).get("values", [values.get("mode", "color")])
             depths = attrs.get("depth", {}).get("valid", {}).get("values", [values.get("depth", 8)])
             color_modes = tuple(name for name, (mode, depth) in documents.COLOR_MODES.items()
@@ -281,25 +283,27 @@ class EsclServer:
             dpi = values["resolution"]
             width = values.get("max_width", 0) * documents.UNITS_PER_INCH // dpi
             height = values.get("max_height", 0) * documents.UNITS_PER_INCH // dpi
-            for value in getattr(spec.valid, "values", None) or (values["source"],):
-                kind = SOURCE_KINDS.get(value)
-                if kind is None:
-                    continue
-                found.append((Source(kind, width, height, color_modes, resolutions, tuple(documents.FORMATS)),
-                              item, value))
+            found.append((Source(kind, width, height, color_modes, resolutions, tuple(documents.FORMATS)),
+                          item, value))
         return found
+
+    @contextlib.asynccontextmanager
+    async def passing_session(self, device: Device, why: str) -> AsyncIterator[Session]:
+        """A status session of the server's own for reading ``device`` once."""
+        client = Client(name=f"escl:{why}:{device.id}", internal=True, via="escl")
+        session = await self.manager.create_session(device.id, Mode.STATUS, client)
+        try:
+            yield session
+        finally:
+            await self.manager.close_session(session, why=f"eSCL {why} read")
 
     async def with_items(self, device: Device, use: Callable[[AppItem], Awaitable[Any]]) -> Any:
         """Run ``use`` with the device's application items of a passing status session."""
-        client = Client(name=f"escl:capabilities:{device.id}", internal=True, via="escl")
-        session = await self.manager.create_session(device.id, Mode.STATUS, client)
-        try:
+        async with self.passing_session(device, "capabilities") as session:
             root = device.items_for(session)
             if root is None:
                 raise Disconnected(f"device {device.id} has no items")
             return await use(root)
-        finally:
-            await self.manager.close_session(session, why="eSCL capabilities read")
 
     async def _capabilities(self, request: web.Request, device: Device, base: str) -> web.Response:
         async def build(root: AppItem) -> bytes:
@@ -326,17 +330,11 @@ class EsclServer:
             return None
         if busy or device.device_lock.holder is not None:
             return "ScannerAdfProcessing"
-        client = Client(name=f"escl:status:{device.id}", internal=True, via="escl")
         try:
-            session = await self.manager.create_session(device.id, Mode.STATUS, client)
-        except StillError:
-            return None
-        try:
-            status = await asyncio.wait_for(device.get_status(session), STATUS_TIMEOUT)
+            async with self.passing_session(device, "status") as session:
+                status = await asyncio.wait_for(device.get_status(session), STATUS_TIMEOUT)
         except (StillError, TimeoutError):
             return None
-        finally:
-            await self.manager.close_session(session, why="eSCL status read")
         if status.get("jammed"):
             return "ScannerAdfJam"
         if "paper_loaded" in status:

@@ -24,7 +24,7 @@ from typing import Any
 
 from stillsvc.common.errors import InvalidArgument
 from stillsvc.core.devices import Device
-from stillsvc.core.items import AppItem
+from stillsvc.core.items import AppItem, scan_sources
 from stillsvc.driver.items import Access
 from stillsvc.frontends.saned.protocol import (
     Cap,
@@ -70,14 +70,8 @@ class Options:
     def __init__(self, device: Device, root: AppItem) -> None:
         self.device = device
         #: (item, its source value, the SANE name) for every source of every scanning item.
-        self.sources: list[tuple[AppItem, str, str]] = []
-        for item in root.walk():
-            spec = item.specs.get("source")
-            if spec is None or "resolution" not in item.specs:
-                continue
-            valid = getattr(spec.valid, "values", None) or (item.values["source"],)
-            for value in valid:
-                self.sources.append((item, value, SOURCE_NAMES.get(value, str(value).title())))
+        self.sources: list[tuple[AppItem, str, str]] = [
+            (item, value, SOURCE_NAMES.get(value, str(value).title())) for item, value in scan_sources(root)]
         if not self.sources:
             raise InvalidArgument(f"device {device.id} has no item that scans")
         self.item, _, self.source_name = self.sources[0]
