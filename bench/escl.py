@@ -60,9 +60,7 @@ import os
 import platform
 import re
 import shutil
-import signal
 import statistics
-import subprocess
 import sys
 import tempfile
 import threading
@@ -79,7 +77,7 @@ for _p in (REPO, REPO / "tests", REPO / "bench"):
 
 from events import cpu_and_switches  # noqa: E402
 from helpers import Daemon, DBusDaemon, connect  # noqa: E402
-from roundtrip import block_order, interleaved, ping, summarise, table, timed  # noqa: E402
+from roundtrip import block_order, interleaved, ping, reexec_in_namespace, summarise, table, timed  # noqa: E402
 from saned import wait_listening  # noqa: E402
 from transfer import configure, open_flatbed, transfer_once  # noqa: E402
 
@@ -112,32 +110,6 @@ clock = time.perf_counter
 
 
 # -- the namespace ---------------------------------------------------------------------------------
-
-def reexec_in_namespace(budget: float) -> int:
-    """Run this script again in a private network namespace with ``lo`` up, in a
-    process group of its own that is stopped if it overruns ``budget`` seconds (as
-    bench/saned.py does)."""
-    for tool in ("unshare", "ip"):
-        if shutil.which(tool) is None:
-            sys.exit(f"escl bench: {tool} is required (util-linux, iproute2)")
-    argv = ["unshare", "-n", "--", "sh", "-c", 'ip link set lo up && exec "$@"', "sh",
-            sys.executable, str(Path(__file__).resolve()), *sys.argv[1:]]
-    proc = subprocess.Popen(argv, env={**os.environ, IN_NAMESPACE: "1"}, start_new_session=True)
-    try:
-        return proc.wait(budget)
-    except subprocess.TimeoutExpired:
-        sys.stderr.write(f"escl bench: still running after {budget:g} s: stopped\n")
-        return 124
-    except KeyboardInterrupt:
-        return 130
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGTERM)
-            try:
-                proc.wait(5)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait()
 
 
 # -- the configurations and the service ---------------------------------------------------------------
@@ -807,7 +779,7 @@ def main() -> None:
     if args.rounds < 1 or args.warmup < 0 or args.requests < 1 or args.block < 1 or args.warmup_requests < 0:
         parser.error("--rounds, --requests and --block must be positive, the warm-ups not negative")
     if os.environ.get(IN_NAMESPACE) != "1":
-        sys.exit(reexec_in_namespace(args.budget))
+        sys.exit(reexec_in_namespace(__file__, IN_NAMESPACE, args.budget))
     result = run(args)
     if args.json:
         print(json.dumps(result, indent=2))

@@ -41,7 +41,9 @@ import os
 import platform
 import queue
 import shutil
+import signal
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -156,6 +158,35 @@ def table(headers: list[str], rows: list[list[str]]) -> None:
     print("  ".join("-" * w for w in widths))
     for row in rows:
         print(line(row))
+
+
+def reexec_in_namespace(script: str, marker: str, budget: float) -> int:
+    """Run ``script`` again, with this run's arguments, in a private network namespace
+    with ``lo`` up and ``marker`` set in its environment (so that it knows it is
+    inside); the child has its own process group, so that everything it started can
+    be stopped if it overruns ``budget`` seconds."""
+    name = Path(script).stem
+    for tool in ("unshare", "ip"):
+        if shutil.which(tool) is None:
+            sys.exit(f"{name}: {tool} is required (util-linux, iproute2)")
+    argv = ["unshare", "-n", "--", "sh", "-c", 'ip link set lo up && exec "$@"', "sh",
+            sys.executable, str(Path(script).resolve()), *sys.argv[1:]]
+    proc = subprocess.Popen(argv, env={**os.environ, marker: "1"}, start_new_session=True)
+    try:
+        return proc.wait(budget)
+    except subprocess.TimeoutExpired:
+        sys.stderr.write(f"{name}: still running after {budget:g} s: stopped\n")
+        return 124
+    except KeyboardInterrupt:
+        return 130
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGTERM)
+            try:
+                proc.wait(5)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
 
 
 # -- the service under test -------------------------------------------------------

@@ -69,7 +69,7 @@ for _p in (REPO, REPO / "tests", REPO / "bench"):
         sys.path.insert(0, str(_p))
 
 from helpers import Daemon, DBusDaemon  # noqa: E402
-from roundtrip import block_order, table  # noqa: E402
+from roundtrip import block_order, reexec_in_namespace, table  # noqa: E402
 
 from stillsvc.client import Client  # noqa: E402
 from stillsvc.client.records import PropertiesChanged  # noqa: E402
@@ -92,32 +92,6 @@ PROPERTIES = "org.freedesktop.DBus.Properties"
 
 
 # -- the namespace ---------------------------------------------------------------------------------
-
-def reexec_in_namespace(budget: float) -> int:
-    """Run this script again in a private network namespace with ``lo`` up; the child
-    has its own process group, so that everything it started can be stopped if it
-    overruns ``budget`` seconds."""
-    for tool in ("unshare", "ip"):
-        if shutil.which(tool) is None:
-            sys.exit(f"saned bench: {tool} is required (util-linux, iproute2)")
-    argv = ["unshare", "-n", "--", "sh", "-c", 'ip link set lo up && exec "$@"', "sh",
-            sys.executable, str(Path(__file__).resolve()), *sys.argv[1:]]
-    proc = subprocess.Popen(argv, env={**os.environ, IN_NAMESPACE: "1"}, start_new_session=True)
-    try:
-        return proc.wait(budget)
-    except subprocess.TimeoutExpired:
-        sys.stderr.write(f"saned bench: still running after {budget:g} s: stopped\n")
-        return 124
-    except KeyboardInterrupt:
-        return 130
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGTERM)
-            try:
-                proc.wait(5)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait()
 
 
 def listening(host: str, port: int) -> bool:
@@ -616,7 +590,7 @@ def main() -> None:
     parser.add_argument("--json", action="store_true", help="one JSON document")
     args = parser.parse_args()
     if os.environ.get(IN_NAMESPACE) != "1":
-        sys.exit(reexec_in_namespace(args.budget))
+        sys.exit(reexec_in_namespace(__file__, IN_NAMESPACE, args.budget))
     result = run(args)
     if args.json:
         print(json.dumps(result, indent=2))

@@ -20,8 +20,12 @@ import selectors
 import shutil
 import subprocess
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any
+
+from dbus_fast.aio import MessageBus
+from helpers import Daemon, connect, wait_until
 
 READY = "netns-ready"
 START_TIMEOUT = 10.0
@@ -162,3 +166,24 @@ def listening(ns: NetNamespace, port: int, host: str = "127.0.0.1") -> bool:
         return False
     return False
 
+
+
+async def serve_in_namespace(request: Any, bus_address: str, config: Path, workdir: Path, port: int,
+                             cleanup: list[Callable[[], Any]]) -> tuple[NetNamespace, Daemon, MessageBus]:
+    """The daemon with ``config``, started inside a fresh network namespace, once it
+    listens on 127.0.0.1:``port``; and a client of the private bus. What must be
+    stopped afterwards is appended to ``cleanup``, in the order it was started."""
+    ns = NetNamespace()
+    ns.start()
+    cleanup.append(ns.stop)
+    daemon = Daemon(bus_address, "--config", str(config), workdir=str(workdir))
+    daemon.args = ns.wrap(daemon.args)
+    request.node._stillsvc_daemon = daemon  # its log is shown when the test fails
+    cleanup.append(daemon.stop)
+    await daemon.ready()
+    await wait_until(lambda: listening(ns, port) or daemon.proc.poll() is not None, timeout=10,
+                     what=f"the daemon listening on 127.0.0.1:{port}")
+    assert daemon.proc is not None and daemon.proc.poll() is None, f"the daemon exited ({daemon.proc.returncode})"
+    bus = await connect(bus_address)
+    cleanup.append(bus.disconnect)
+    return ns, daemon, bus

@@ -79,11 +79,10 @@ from helpers import (
     get_property,
     unwrap,
     vm_rss_kib,
-    wait_until,
 )
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from netns import NetNamespace, listening, unavailable_reason
+from netns import NetNamespace, listening, serve_in_namespace, unavailable_reason
 from sane_env import parse_pnm, sane_unavailable_reason
 
 from stillsvc.drivers.sim.pattern import pattern_page
@@ -221,19 +220,7 @@ async def start_escl(request: pytest.FixtureRequest, bus_address: str,
         folder.mkdir()
         config = folder / "stillsvc.toml"
         config.write_text(escl_config(extra, **escl))
-        ns = NetNamespace()
-        ns.start()
-        cleanup.append(ns.stop)
-        daemon = Daemon(bus_address, "--config", str(config), workdir=str(folder / "daemon"))
-        daemon.args = ns.wrap(daemon.args)
-        request.node._stillsvc_daemon = daemon  # its log is shown when the test fails
-        cleanup.append(daemon.stop)
-        await daemon.ready()
-        await wait_until(lambda: listening(ns, PORT) or daemon.proc.poll() is not None, timeout=10,
-                         what=f"the eSCL server listening on {HOST}")
-        assert daemon.proc.poll() is None, f"the daemon exited ({daemon.proc.returncode})"
-        bus = await connect(bus_address)
-        cleanup.append(bus.disconnect)
+        ns, daemon, bus = await serve_in_namespace(request, bus_address, config, folder / "daemon", PORT, cleanup)
         http = HttpClient(ns.wrap)
         cleanup.append(http.close)
         return Escl(ns, daemon, bus, http, folder)

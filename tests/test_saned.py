@@ -42,7 +42,6 @@ from helpers import (
     Daemon,
     assert_daemon_healthy,
     call,
-    connect,
     create_session,
     expect_error,
     get_property,
@@ -50,7 +49,7 @@ from helpers import (
     unwrap,
     wait_until,
 )
-from netns import NetNamespace, listening, unavailable_reason
+from netns import NetNamespace, listening, serve_in_namespace, unavailable_reason
 from sane_env import SaneClientConfig, parse_pnm, sane_unavailable_reason
 
 from stillsvc.drivers.sim.pattern import pattern_page
@@ -162,19 +161,7 @@ async def start_net(request: pytest.FixtureRequest, bus_address: str,
     async def start(**saned: Any) -> Net:
         config = tmp_path / "stillsvc.toml"
         config.write_text("[saned]\n" + "".join(f"{k} = {toml_value(v)}\n" for k, v in saned.items()))
-        ns = NetNamespace()
-        ns.start()
-        cleanup.append(ns.stop)
-        daemon = Daemon(bus_address, "--config", str(config), workdir=str(tmp_path / "daemon"))
-        daemon.args = ns.wrap(daemon.args)
-        request.node._stillsvc_daemon = daemon  # its log is shown when the test fails
-        cleanup.append(daemon.stop)
-        await daemon.ready()
-        await wait_until(lambda: listening(ns, PORT) or daemon.proc.poll() is not None, timeout=10,
-                         what=f"the SANE server listening on 127.0.0.1:{PORT}")
-        assert daemon.proc.poll() is None, f"the daemon exited ({daemon.proc.returncode})"
-        bus = await connect(bus_address)
-        cleanup.append(bus.disconnect)
+        ns, daemon, bus = await serve_in_namespace(request, bus_address, config, tmp_path / "daemon", PORT, cleanup)
         return Net(ns, daemon, SaneClientConfig(tmp_path / "sane-client"), bus)
 
     yield start

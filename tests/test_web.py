@@ -44,7 +44,7 @@ from helpers import (
     get_property,
     wait_until,
 )
-from netns import NetNamespace, listening
+from netns import NetNamespace, serve_in_namespace
 from netns import unavailable_reason as netns_unavailable_reason
 from web_env import NamespacedBrowser
 from web_env import unavailable_reason as browser_unavailable_reason
@@ -168,19 +168,7 @@ async def web(request: pytest.FixtureRequest, bus_address: str, tmp_path: Path) 
     try:
         config = tmp_path / "stillsvc.toml"
         config.write_text("[escl]\nmdns = false\n")
-        ns = NetNamespace()
-        ns.start()
-        cleanup.append(ns.stop)
-        daemon = Daemon(bus_address, "--config", str(config), workdir=str(tmp_path / "daemon"))
-        daemon.args = ns.wrap(daemon.args)
-        request.node._stillsvc_daemon = daemon  # its log is shown when the test fails
-        cleanup.append(daemon.stop)
-        await daemon.ready()
-        await wait_until(lambda: listening(ns, PORT) or daemon.proc.poll() is not None, timeout=10,
-                         what=f"the server listening on 127.0.0.1:{PORT}")
-        assert daemon.proc.poll() is None, f"the daemon exited ({daemon.proc.returncode})"
-        bus = await connect(bus_address)
-        cleanup.append(bus.disconnect)
+        ns, daemon, bus = await serve_in_namespace(request, bus_address, config, tmp_path / "daemon", PORT, cleanup)
         http = HttpClient(ns.wrap)
         cleanup.append(http.close)
         browser = NamespacedBrowser(ns.path, tmp_path / "browser")
