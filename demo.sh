@@ -48,7 +48,7 @@ mkdir -p "$state"
 
 echo "== starting a private bus and the service with the simulated scanner =="
 read -r address bus_pid < <(dbus-daemon --session --fork --print-address=1 --print-pid=1 | paste -sd' ')
-stillsvc --bus "$address" --simulate --runtime-dir "$state/run" --state-dir "$state/state" \
+stillsvc --bus "$address" --simulate --no-sane --runtime-dir "$state/run" --state-dir "$state/state" \
     --log-format plain >"$state/stillsvc.log" 2>&1 &
 echo "$bus_pid $!" >"$state/pids"
 export STILLSVC_BUS="$address"

@@ -1,6 +1,6 @@
 """``stillsvc``: the daemon.
 
-    stillsvc --bus system|session|ADDRESS [--config PATH] [--simulate] [--no-udev]
+    stillsvc --bus system|session|ADDRESS [--config PATH] [--simulate] [--no-udev] [--no-sane]
 
 ``--simulate`` adds the built-in simulated scanner ``sim0`` (no configuration
 file needed): the embedded default for trying the service out and for tests.
@@ -14,6 +14,7 @@ import dataclasses
 import os
 import signal
 import sys
+from collections.abc import Callable
 
 import structlog
 from dbus_fast import BusType, RequestNameReply
@@ -31,6 +32,7 @@ from stillsvc.core.manager import DeviceManager
 from stillsvc.core.registry import Registry
 from stillsvc.discovery import Backend
 from stillsvc.discovery.config import ConfigDiscovery
+from stillsvc.discovery.sane import SaneDiscovery, own_server_rule
 from stillsvc.discovery.simulate import SimulatedDiscovery
 from stillsvc.discovery.udev import UdevDiscovery
 from stillsvc.frontends.dbus.agents import AgentBridge
@@ -72,6 +74,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--simulate", action="store_true", help="add the simulated scanner 'sim0'")
     parser.add_argument("--udev", action=argparse.BooleanOptionalAction, default=None,
                         help="serve USB devices as udev reports them (default: [udev] discover, true)")
+    parser.add_argument("--sane", action=argparse.BooleanOptionalAction, default=None,
+                        help="bridge the scanners libsane lists at start (default: [sane] discover, true)")
     parser.add_argument("--authorization", choices=["auto", "polkit", "none"], default="auto",
                         help="who may use the service: ask polkit, or trust every client of the bus "
                              "(default: polkit on the system bus, none on any other)")
@@ -93,15 +97,21 @@ def build_config(args: argparse.Namespace) -> Config:
     )
 
 
-def discovery_backends(args: argparse.Namespace, cfg: Config) -> list[Backend]:
+def discovery_backends(args: argparse.Namespace, cfg: Config, sane_rule: Callable[[str], str]) -> list[Backend]:
     """Where devices come from: the simulated scanner first (with --simulate), then
-    the configured devices, then udev (unless --no-udev or [udev] discover = false)."""
+    the configured devices, then udev (unless --no-udev or [udev] discover = false),
+    then libsane's list (unless --no-sane or [sane] discover = false)."""
     backends: list[Backend] = []
     if args.simulate:
         backends.append(SimulatedDiscovery(taken={device.id for device in cfg.devices}))
     backends.append(ConfigDiscovery(cfg.devices))
-    if args.udev if args.udev is not None else cfg.udev_discover:
+    udev = args.udev if args.udev is not None else cfg.udev_discover
+    if udev:
         backends.append(UdevDiscovery())
+    if args.sane if args.sane is not None else cfg.sane.discover:
+        configured = frozenset(device.port for device in cfg.devices if device.driver == "sane")
+        backends.append(SaneDiscovery(sane_rule, udev=udev, timeout=cfg.sane.timeout_ms / 1000,
+                                      configured=configured))
     return backends
 
 
@@ -170,7 +180,15 @@ async def run(args: argparse.Namespace, cfg: Config) -> int:
             return EXIT_CONFIG
     # Devices before the name, so a client that sees the name sees the devices; a
     # device that fails or hangs while starting is logged and left out.
-    await manager.start(discovery_backends(args, cfg))
+    # The SANE bridge never bridges the service's own servers (the rule also sees
+    # the mDNS names announced later on).
+    announced: list[Announcer] = []
+    sane_rule = own_server_rule(cfg, lambda: {name for a in announced for name in a.instance_names()})
+    sane_driver = manager.drivers.get("sane")
+    configure = getattr(sane_driver, "configure", None)
+    if callable(configure):
+        configure(cfg.sane.timeout_ms / 1000, sane_rule)
+    await manager.start(discovery_backends(args, cfg, sane_rule))
     reply = await bus.request_name(BUS_NAME, NameFlag.DO_NOT_QUEUE)
     if reply not in (RequestNameReply.PRIMARY_OWNER, RequestNameReply.ALREADY_OWNER):
         print(f"stillsvc: the name {BUS_NAME} is already taken on this bus: another stillsvc is running",
@@ -181,6 +199,7 @@ async def run(args: argparse.Namespace, cfg: Config) -> int:
     if escl is not None and escl.config.mdns:
         # After the devices: each exported one is announced as it is added.
         announcer = Announcer(escl)
+        announced.append(announcer)
         await announcer.start()
     log.info("service ready", bus=args.bus, unique_name=bus.unique_name, devices=len(manager.devices),
              runtime_dir=cfg.runtime_dir, version=__version__)

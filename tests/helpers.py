@@ -64,7 +64,7 @@ class Daemon:
         self.log_path = self.workdir / "daemon.log"
         self.args = [sys.executable, "-m", "stillsvc.daemon", "--bus", address,
                      "--runtime-dir", str(self.runtime_dir), "--state-dir", str(self.state_dir),
-                     "--log-level", "debug", "--log-format", "plain", "--no-udev", *extra]
+                     "--log-level", "debug", "--log-format", "plain", "--no-udev", "--no-sane", *extra]
         if simulate:
             self.args.append("--simulate")
         self.env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}

@@ -18,6 +18,11 @@ Example::
     [udev]
     discover = true               # serve USB devices as they appear (needs pyudev)
 
+    [sane]                        # the SANE bridge: every scanner SANE supports
+    discover = true               # bridge the devices libsane lists at start
+    exclude = ["v4l:*"]           # SANE names never bridged (fnmatch patterns)
+    timeout_ms = 60000            # a backend call that takes longer: its worker is stopped
+
     [saned]                       # the SANE network server; off without this table
     listen = ["127.0.0.1"]
     port = 6566
@@ -80,6 +85,20 @@ class Limits:
 
 
 @dataclass(frozen=True)
+class SaneSettings:
+    """The ``[sane]`` table: the SANE bridge's own settings."""
+
+    #: Bridge every device libsane lists at start (``sane_get_devices``).
+    discover: bool = True
+    #: SANE device names never bridged, as ``fnmatch`` patterns. Names that lead back
+    #: into the service itself (``net`` to its SANE server, ``escl``/``airscan`` to its
+    #: eSCL server) are never bridged in any case.
+    exclude: tuple[str, ...] = ()
+    #: How long one backend call (or one block of a scan) may take before its worker is stopped.
+    timeout_ms: int = 60_000
+
+
+@dataclass(frozen=True)
 class SanedSettings:
     """The ``[saned]`` table: the SANE network server (off without the table)."""
 
@@ -118,6 +137,8 @@ class Config:
     state_dir: str = DEFAULT_STATE_DIR
     #: Discover USB devices through udev (``[udev] discover``).
     udev_discover: bool = True
+    #: The SANE bridge's settings (``[sane]``).
+    sane: SaneSettings = field(default_factory=SaneSettings)
     #: The SANE network server's settings; None: it does not run.
     saned: SanedSettings | None = None
     #: The eSCL server's settings; None: it does not run.
@@ -190,11 +211,11 @@ def load(path: str | os.PathLike[str]) -> Config:
 
 def parse(data: dict[str, Any], name: str = "<config>", where: _Locator | None = None) -> Config:
     where = where or _Locator("")
-    unknown = set(data) - {"service", "udev", "saned", "escl", "device"}
+    unknown = set(data) - {"service", "udev", "sane", "saned", "escl", "device"}
     if unknown:
         key = sorted(unknown)[0]
         raise ConfigError(name, where.key(key, None) or where.table(key),
-                          f"unknown section or key '{key}' (expected [service], [udev], [saned], [escl] "
+                          f"unknown section or key '{key}' (expected [service], [udev], [sane], [saned], [escl] "
                           "or [[device]])")
 
     service = data.get("service", {})
@@ -255,10 +276,36 @@ def parse(data: dict[str, Any], name: str = "<config>", where: _Locator | None =
         seen.add(entry["id"])
         devices.append(DeviceConfig(**entry))
 
+    sane = _sane(data.get("sane", {}), name, where)
     saned = _listener("saned", data["saned"], name, where, SanedSettings) if "saned" in data else None
     escl = _listener("escl", data["escl"], name, where, EsclSettings) if "escl" in data else None
     return Config(limits=Limits(**limits), devices=tuple(devices), udev_discover=udev.get("discover", True),
-                  saned=saned, escl=escl, source=name, **paths)
+                  sane=sane, saned=saned, escl=escl, source=name, **paths)
+
+
+def _sane(table: Any, name: str, where: _Locator) -> SaneSettings:
+    if not isinstance(table, dict):
+        raise ConfigError(name, where.key("sane", None), "'sane' must be a table")
+    line = where.table("sane")
+    values: dict[str, Any] = {}
+    for key, value in table.items():
+        at = where.key(key, line)
+        if key == "discover":
+            if not isinstance(value, bool):
+                raise ConfigError(name, at, f"sane.discover must be true or false, not {value!r}")
+            values[key] = value
+        elif key == "exclude":
+            if not isinstance(value, list) or not all(isinstance(v, str) and v for v in value):
+                raise ConfigError(name, at, "sane.exclude must be a list of SANE name patterns, such as \"v4l:*\"")
+            values[key] = tuple(value)
+        elif key == "timeout_ms":
+            if type(value) is not int or not 100 <= value <= MAX_WAIT_MS:
+                raise ConfigError(name, at, f"sane.timeout_ms must be an integer from 100 to {MAX_WAIT_MS}, "
+                                  f"not {value!r}")
+            values[key] = value
+        else:
+            raise ConfigError(name, at, f"unknown key sane.{key} (known: discover, exclude, timeout_ms)")
+    return SaneSettings(**values)
 
 
 #: Integer keys of the network servers' tables: (minimum, maximum).

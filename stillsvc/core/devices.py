@@ -132,6 +132,8 @@ class Device:
         self.live_items: list[DriverItem] = []
         #: The device's one worker thread: every blocking driver call runs here.
         self.executor = executor
+        #: Bringing a device back whose driver reported it failed (DeviceManager.recover).
+        self.recovery: asyncio.Task[None] | None = None
 
     # -- what clients see -------------------------------------------------------
     @property
@@ -157,8 +159,9 @@ class Device:
     def mark_disconnected(self) -> None:
         """The device has gone: every use of it fails with Disconnected from now on."""
         self.disconnected = True
-        if self._outside_watch is not None:
-            self._outside_watch.cancel()
+        for task in (self._outside_watch, self.recovery):
+            if task is not None:
+                task.cancel()
 
     def check_usable(self) -> None:
         if self.disconnected:
@@ -333,7 +336,24 @@ class Device:
                 self._outside_watch = self.manager.spawn(self._watch_outside())
         else:
             self.log.info("the other program has let go of the device")
+        if not self.disconnected and not self.failure and not self.standing_back:
+            # The other program may want the device itself (a scanner's USB interface,
+            # an open SANE handle): the driver lets go of its ports while it holds
+            # the lock file, and takes them back after. Queued on the worker thread
+            # now, so they run in order with the driver.lock() of whoever waits.
+            self._driver_soon(self.driver.release_port if held else self.driver.reclaim_port)
         self.manager.changed(self, ["State"])
+
+    def _driver_soon(self, fn: Callable[[], Any]) -> None:
+        """Queue a driver call on the worker thread at once; its failure is logged."""
+        future = asyncio.get_running_loop().run_in_executor(self.executor, fn)
+
+        def done(f: asyncio.Future[Any]) -> None:
+            if not f.cancelled() and f.exception() is not None:
+                self.log.warning("driver call failed", call=getattr(fn, "__name__", str(fn)),
+                                 error=str(f.exception()))
+
+        future.add_done_callback(done)
 
     async def _watch_outside(self) -> None:
         """While another program holds the lock file, look again now and then, so that
@@ -429,9 +449,14 @@ class Device:
     async def property_attributes(self, app: AppItem) -> dict[str, dict[str, Any]]:
         """Each property of ``app`` with its type, access and valid values now (some
         depend on other values: the driver says, on the worker thread)."""
-        dynamic = await self.run_driver(self.driver.valid_values, app.driver_item, dict(app.values)) \
-            if app.connected else {}
-        return {name: describe_property(spec, dynamic.get(name, spec.valid)) for name, spec in app.specs.items()}
+        driver, item, values = self.driver, app.driver_item, dict(app.values)
+
+        def ask() -> tuple[dict[str, Any], set[str]]:
+            return driver.valid_values(item, values), set(driver.inactive(item, values))
+
+        dynamic, inactive = await self.run_driver(ask) if app.connected else ({}, set())
+        return {name: describe_property(spec, dynamic.get(name, spec.valid), name in inactive)
+                for name, spec in app.specs.items()}
 
     async def synchronize(self, session: Session | None) -> tuple[list[DriverItem], list[DriverItem]]:
         """Rebuild the driver tree from the device; removed items follow the tree rules."""

@@ -191,9 +191,11 @@ def check_dependent(values: Mapping[str, Any], valid: Mapping[str, Valid]) -> No
                                   f"valid is {allowed.describe()}")
 
 
-def describe_property(spec: PropertySpec, valid: Valid) -> dict[str, Any]:
-    """A property's attributes as plain values: type, access, valid values, description."""
-    info: dict[str, Any] = {"type": spec.signature, "access": spec.access.value, "description": spec.description}
+def describe_property(spec: PropertySpec, valid: Valid, inactive: bool = False) -> dict[str, Any]:
+    """A property's attributes as plain values: type, access, valid values,
+    description, and whether it has no effect now (``inactive``)."""
+    info: dict[str, Any] = {"type": spec.signature, "access": spec.access.value, "description": spec.description,
+                            "inactive": inactive}
     if valid is not None:
         info["valid"] = valid.as_dict()
     else:

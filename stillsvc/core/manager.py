@@ -20,6 +20,7 @@ from stillsvc.common.errors import (
     InvalidArgument,
     LimitExceeded,
     NotFound,
+    NotSupported,
     StillError,
     quote,
 )
@@ -41,6 +42,9 @@ log = structlog.get_logger(__name__)
 DEVICE_START_TIMEOUT = 15.0
 #: How long a driver may take to shut down when its device goes.
 DEVICE_STOP_TIMEOUT = 5.0
+#: Bringing back a device whose driver reported it failed: the first wait, doubling up to the last (seconds).
+RECOVER_FIRST = 0.2
+RECOVER_MAX = 30.0
 
 
 @dataclass
@@ -101,6 +105,12 @@ class _Host:
 
     def device_replugged(self) -> None:
         self._post(self.manager.replugged_by_driver, self.device_id)
+
+    def device_failed(self, reason: str) -> None:
+        self._post(self.manager.failed_by_driver, self.device_id, reason)
+
+    def device_recovered(self) -> None:
+        self._post(self.manager.recovered_by_driver, self.device_id)
 
 
 class DeviceManager:
@@ -373,6 +383,53 @@ class DeviceManager:
 
     def replugged_by_driver(self, device_id: str) -> None:
         self.spawn(self.replug(device_id))
+
+    def failed_by_driver(self, device_id: str, reason: str) -> None:
+        """A working device's driver lost it (its backend crashed, say): the device is
+        shown failed with ``reason``, and brought back through the driver's
+        ``recover()``, tried again with growing waits until it works."""
+        device = self.devices.get(device_id)
+        if device is None or device.disconnected:
+            return
+        if device.failure != reason:
+            device.failure = reason
+            device.log.error("device failed", reason=reason)
+            self.changed(device, ["StateReason"])
+        if device.recovery is None or device.recovery.done():
+            device.recovery = self.spawn(self._recover(device))
+
+    def recovered_by_driver(self, device_id: str) -> None:
+        device = self.devices.get(device_id)
+        if device is not None and device.failure and not device.disconnected:
+            self._recovered(device)
+
+    def _recovered(self, device: Device) -> None:
+        device.log.info("device recovered", was=device.failure)
+        device.failure = ""
+        self.changed(device, ["StateReason"])
+
+    async def _recover(self, device: Device) -> None:
+        delay = RECOVER_FIRST
+        while device.failure and not device.disconnected and self.devices.get(device.id) is device:
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, RECOVER_MAX)
+            if not device.failure or device.disconnected:
+                return
+            try:
+                await asyncio.wait_for(device.call(device.driver.recover), DEVICE_START_TIMEOUT)
+            except NotSupported:
+                device.log.info("the driver cannot recover the device by itself; it stays failed until it "
+                                "changes or is plugged in again")
+                return
+            except asyncio.TimeoutError:
+                device.log.warning("recovering the device timed out", timeout_s=DEVICE_START_TIMEOUT)
+            except Exception as e:
+                device.log.warning("recovering the device failed", error=str(e) or type(e).__name__,
+                                   retry_in_s=delay)
+            else:
+                if device.failure and not device.disconnected:
+                    self._recovered(device)
+                return
 
     async def replug(self, device_id: str) -> Device:
         entry = self.unplugged.get(device_id)

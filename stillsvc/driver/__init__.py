@@ -221,6 +221,16 @@ class DriverHost(Protocol):
 
     def device_replugged(self) -> None: ...
 
+    def device_failed(self, reason: str) -> None:
+        """The device stopped working (a backend crashed): shown failed with ``reason``
+        until :meth:`Minidriver.recover` succeeds, which the service tries with
+        growing waits."""
+        ...
+
+    def device_recovered(self) -> None:
+        """The device works again by itself after :meth:`device_failed`."""
+        ...
+
 
 class Minidriver:
     """Base class of every minidriver. Subclasses override what their device can do."""
@@ -257,6 +267,13 @@ class Minidriver:
 
     def reclaim_port(self) -> None:
         """The device is ours again after release_port()."""
+
+    def recover(self) -> None:
+        """Bring the device back after ``host.device_failed()``; raise while it cannot be.
+        Called by the service on the worker thread, without the device lock (a
+        failed device has no users). The default cannot: the device stays failed
+        until discovery reports it again."""
+        raise NotSupported(f"{self.name}: the driver cannot recover a failed device")
 
     def get_status(self, mode: Mode) -> dict[str, Any]:
         return {}
@@ -301,6 +318,12 @@ class Minidriver:
         """Valid values that depend on other properties (for example the largest
         extent at the current resolution), overriding the specs' static ones."""
         return {}
+
+    def inactive(self, item: DriverItem, values: dict[str, Any]) -> set[str]:
+        """Properties of ``item`` that have no effect now (a SANE option its backend
+        marks inactive): shown as such in the attributes. Like
+        :meth:`valid_values`, it must not touch the device."""
+        return set()
 
     def validate_properties(
         self, item: DriverItem, values: dict[str, Any], changed: set[str], previous: dict[str, Any]

@@ -44,6 +44,10 @@ class Announcer(Listener):
         self._tasks: set[asyncio.Task[Any]] = set()
         self._lock = asyncio.Lock()
 
+    def instance_names(self) -> set[str]:
+        """The DNS-SD instance names announced now."""
+        return {info.name[:-len(info.type) - 1] for info in self.services.values()}
+
     async def start(self) -> None:
         listen = list(self.server.config.listen)
         version = IPVersion.All if any(":" in a for a in listen) else IPVersion.V4Only

@@ -308,9 +308,10 @@ def _size(names: list[str]) -> int:
 
 
 def _cap(attr: dict[str, Any]) -> Cap:
+    inactive = Cap.INACTIVE if attr.get("inactive") else Cap(0)
     if attr.get("access") == Access.READ.value:
-        return Cap.SOFT_DETECT
-    return Cap.SOFT_SELECT | Cap.SOFT_DETECT | Cap.AUTOMATIC
+        return Cap.SOFT_DETECT | inactive
+    return Cap.SOFT_SELECT | Cap.SOFT_DETECT | Cap.AUTOMATIC | inactive
 
 
 def _constrain(d: Descriptor, value: Any) -> tuple[Any, bool]:
