@@ -205,12 +205,15 @@ class ItemInfo(_Record):
 class PropertyAttributes(_Record):
     """What an item property is: its D-Bus ``type``, ``access`` (``r``/``rw``),
     ``description`` and ``valid`` values (``{"kind": "range", "min", "max",
-    "step"}``, ``{"kind": "list"|"flags", "values"}`` or ``{"kind": "none"}``)."""
+    "step"}``, ``{"kind": "list"|"flags", "values"}`` or ``{"kind": "none"}``),
+    and whether it has no effect now (``inactive``: a SANE option its backend
+    marks inactive)."""
 
     type: str
     access: str
     description: str
     valid: dict[str, Any]
+    inactive: bool = False
     _source: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
 
     @property
@@ -220,7 +223,7 @@ class PropertyAttributes(_Record):
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> PropertyAttributes:
         return cls(type=d.get("type", ""), access=d.get("access", ""), description=d.get("description", ""),
-                   valid=dict(d.get("valid", {})), _source=dict(d))
+                   valid=dict(d.get("valid", {})), inactive=bool(d.get("inactive", False)), _source=dict(d))
 
 
 @dataclass(frozen=True)

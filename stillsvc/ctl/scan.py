@@ -59,7 +59,8 @@ async def cmd_props(ctl: Ctl, args: argparse.Namespace) -> int:
         print_json({name: {"value": values[name], **attributes.get(name, {})} for name in values})
     else:
         print_table(["PROPERTY", "VALUE", "TYPE", "ACCESS", "VALID"],
-                    [[name, values[name], attributes[name]["type"], attributes[name]["access"],
+                    [[name, values[name], attributes[name]["type"],
+                      attributes[name]["access"] + (" (inactive)" if attributes[name].get("inactive") else ""),
                       describe_valid(attributes[name]["valid"])] for name in values])
     return 0
 

@@ -93,6 +93,7 @@ class SaneScanner(Minidriver):
         self.sensor_values: dict[str, Any] = {}
         self.is_open = False
         self.scanning = False
+        self.known = {"vendor": "", "model": "", "type": ""}
         extra = config.options.get("sensors", ())
         self.extra_sensors = tuple(str(s) for s in extra) if isinstance(extra, (list, tuple)) else ()
         preset = config.options.get("set", {})
@@ -189,6 +190,7 @@ class SaneScanner(Minidriver):
         if not sensors:
             self._close()
         vendor, model, kind = str(known.get("vendor", "")), str(known.get("model", "")), str(known.get("type", ""))
+        self.known = {"vendor": vendor, "model": model, "type": kind}
         sources = options.sources()
         capabilities = tuple(dict.fromkeys(
             [s.kind for s in sources if s.kind in ("flatbed", "feeder", "duplex")]
@@ -291,8 +293,10 @@ class SaneScanner(Minidriver):
         if options is None:
             raise Failed("the SANE device's options are not known yet")
         root = DriverItem("Root", "device", [
-            PropertySpec("vendor", "s", self.config.options.get("vendor", ""), access=Access.READ),
-            PropertySpec("model", "s", self.config.options.get("model", ""), access=Access.READ),
+            PropertySpec("vendor", "s", self.known["vendor"], access=Access.READ),
+            PropertySpec("model", "s", self.known["model"], access=Access.READ),
+            PropertySpec("type", "s", self.known["type"], access=Access.READ,
+                         description="the kind of device, as SANE says (flatbed scanner, ...)"),
             PropertySpec("sane_name", "s", self.sane_name, access=Access.READ, description="the SANE device name"),
         ])
         root.add_to_tree()
