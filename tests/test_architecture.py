@@ -11,7 +11,9 @@ The rules:
 
 * **layers** — ``stillsvc.core``, ``stillsvc.common``, ``stillsvc.imaging`` and
   ``stillsvc.driver`` import no transport library (:data:`TRANSPORTS`) and none of
-  ``stillsvc.frontends``, ``stillsvc.client``, ``stillsvc.ctl``, ``stillsvc.daemon``;
+  ``stillsvc.frontends``, ``stillsvc.client``, ``stillsvc.ctl``, ``stillsvc.daemon``
+  — except the driver API's transport helpers (:data:`TRANSPORT_HELPERS`:
+  ``stillsvc.driver.usb`` uses pyusb), which the other layers never import;
 * **frontends** — a module of ``stillsvc.frontends.<x>`` imports no other front-end
   ``stillsvc.frontends.<y>``, nor ``stillsvc.ctl`` or ``stillsvc.client``;
 * **drivers** — a module of ``stillsvc.drivers.<x>`` imports nothing of stillsvc
@@ -58,6 +60,13 @@ TRANSPORTS = frozenset({
     "dbus_fast", "dbus", "dbus_next", "socket", "aiohttp", "pyudev", "usb", "sane", "zeroconf", "ssl", "http",
 })
 LAYERS = ("stillsvc.core", "stillsvc.common", "stillsvc.imaging", "stillsvc.driver")
+#: The driver API's transport helpers, which drivers share: each may use its own one
+#: transport library and nothing else of TRANSPORTS; the core, common and imaging use none of them.
+TRANSPORT_HELPERS: dict[str, frozenset[str]] = {
+    "stillsvc.driver.usb": frozenset({"usb"}),
+    "stillsvc.driver.sane": frozenset(),
+    "stillsvc.driver.serialport": frozenset(),
+}
 NOT_FOR_LAYERS = ("stillsvc.frontends", "stillsvc.client", "stillsvc.ctl", "stillsvc.daemon")
 FOR_DRIVERS = ("stillsvc.driver", "stillsvc.common", "stillsvc.imaging")
 FOR_CLIENT = ("stillsvc.common",)
@@ -212,8 +221,11 @@ def layering_violations(imports: Iterable[Import]) -> list[Violation]:
         top = imp.target.split(".")[0]
         layer = next((layer for layer in LAYERS if within(imp.module, layer)), None)
         if layer is not None:
-            if top in TRANSPORTS:
+            helper = next((h for h in TRANSPORT_HELPERS if within(imp.module, h)), None)
+            if top in TRANSPORTS and (helper is None or top not in TRANSPORT_HELPERS[helper]):
                 add("layers", imp, f"{layer} must not use a transport library ({top})")
+            elif layer != "stillsvc.driver" and any(within(imp.target, h) for h in TRANSPORT_HELPERS):
+                add("layers", imp, f"{layer} must not import a driver transport ({imp.target})")
             elif any(within(imp.target, p) for p in NOT_FOR_LAYERS):
                 add("layers", imp, f"{layer} must not import {imp.target}")
         frontend = _subpackage(imp.module, "stillsvc.frontends")

@@ -446,7 +446,9 @@ def test_integer_values_outside_the_dbus_type_are_refused():
 def test_describe_property_gives_type_access_and_valid_values():
     spec = SPECS[0]
     assert describe_property(spec, spec.valid) == {
-        "type": "u", "access": "rw", "description": "", "valid": {"kind": "list", "values": [75, 150, 300]}}
+        "type": "u", "access": "rw", "description": "", "valid": {"kind": "list", "values": [75, 150, 300]},
+        "inactive": False}
+    assert describe_property(spec, spec.valid, inactive=True)["inactive"] is True
     assert describe_property(SPECS[-1], None)["valid"] == {"kind": "none"}
     assert describe_property(SPECS[-1], None)["access"] == "r"
     assert describe_property(SPECS[2], Range(1, 50))["valid"]["max"] == 50  # dynamic values win

@@ -242,7 +242,7 @@ async def test_property_attributes_of_the_flatbed_and_feeder(client):
     assert flatbed["mode"]["valid"] == {"kind": "list", "values": ["color", "gray", "lineart"]}
     assert flatbed["depth"]["valid"] == {"kind": "list", "values": [1, 8, 16]}
     assert flatbed["width"] == {"type": "u", "access": "rw", "description": "scan area width, pixels",
-                                "valid": {"kind": "range", "min": 1, "max": 1275, "step": 1}}
+                                "valid": {"kind": "range", "min": 1, "max": 1275, "step": 1}, "inactive": False}
     assert flatbed["height"]["valid"] == {"kind": "range", "min": 1, "max": 1753, "step": 1}
     assert flatbed["x_offset"]["valid"] == {"kind": "range", "min": 0, "max": 1274, "step": 1}
     assert flatbed["y_offset"]["valid"] == {"kind": "range", "min": 0, "max": 1752, "step": 1}

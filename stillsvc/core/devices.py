@@ -134,6 +134,8 @@ class Device:
         self.executor = executor
         #: Bringing a device back whose driver reported it failed (DeviceManager.recover).
         self.recovery: asyncio.Task[None] | None = None
+        #: The last rebuild of the tree the driver asked for (DriverHost.tree_changed).
+        self.tree_refresh: asyncio.Task[None] | None = None
 
     # -- what clients see -------------------------------------------------------
     @property
@@ -470,7 +472,28 @@ class Device:
             self.driver.command(root, "synchronize", mode)
             return self.driver.build_item_tree()
 
-        fresh = await self.io(session, rebuild, why="synchronize")
+        return self._merge(root, await self.io(session, rebuild, why="synchronize"))
+
+    async def refresh_tree(self) -> tuple[list[DriverItem], list[DriverItem]]:
+        """Bring the tree in line with what the driver knows now (no device I/O:
+        the driver changed its items by itself, see DriverHost.tree_changed)."""
+        if self.tree is None or self.tree.removed:
+            raise Disconnected(f"device {self.id} has no item tree")
+        root = self.tree
+        return self._merge(root, await self.run_driver(self.driver.build_item_tree))
+
+    async def delete_item(self, session: Session, app: AppItem) -> None:
+        """A session's Delete: the driver removes the item from the device (a camera's
+        picture), then the tree follows (-1, the item marked dead)."""
+        session.require_data("deleting an item")
+        app.check_device_access()
+        item = app.driver_item
+        if item is self.tree:
+            raise InvalidArgument("the root item cannot be deleted")
+        await self.io(session, self.driver.command, item, "delete", session.mode, why="delete")
+        await self.refresh_tree()
+
+    def _merge(self, root: DriverItem, fresh: DriverItem) -> tuple[list[DriverItem], list[DriverItem]]:
         added, removed = synchronize_tree(root, fresh)
         for item in added:
             self._track(item)
@@ -478,7 +501,8 @@ class Device:
             if s.root_item is not None:
                 attach_new_items(s.root_item, added)
         if added or removed:
-            self.log.info("item tree synchronized", added=[i.path for i in added], removed=[i.path for i in removed])
+            self.log.info("item tree synchronized", added=len(added), removed=len(removed),
+                          first_added=[i.path for i in added[:5]], first_removed=[i.path for i in removed[:5]])
             self.manager.notify("items_changed", self)
         return added, removed
 

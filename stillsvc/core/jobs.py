@@ -38,7 +38,7 @@ import structlog
 
 from stillsvc.common.errors import Cancelled, Failed, StillError
 from stillsvc.core.sessions import Hold
-from stillsvc.driver import Page, PageInfo
+from stillsvc.driver import FileData, Page, PageInfo
 from stillsvc.imaging import ImageInfo
 
 if TYPE_CHECKING:
@@ -88,7 +88,7 @@ class Job:
     """
 
     def __init__(self, device: Device, session: Session, app: AppItem, *, max_pages: int | None = None,
-                 progress: Progress | None = None, why: str = "job") -> None:
+                 progress: Progress | None = None, why: str = "job", file: str = "") -> None:
         session.require_data("transferring images")
         app.check_device_access()
         self.device = device
@@ -108,6 +108,10 @@ class Job:
         #: Set once the job is closed, however it ended.
         self.finished = asyncio.Event()
         self._owner: Any = None
+        #: A file job (an item that is a file: a camera's picture) names the variant
+        #: ("native", "thumbnail"); its data is :attr:`file`, not pages.
+        self.file_variant = file
+        self.file: FileData | None = None
         self._pages: Iterator[Page] | None = None
         self._bands: Iterator[bytes] | None = None
         self._page: PageInfo | None = None
@@ -130,10 +134,16 @@ class Job:
                 await self.device.lock(self._owner, self.device.manager.limits.io_wait_ms / 1000, limited=False)
             self._check_running()
             item, values = self.app.driver_item, dict(self.app.values)
-            self.log.info("job starting", max_pages=self.max_pages)
-            await self.device.run_driver(self.device.driver.write_properties, item, values, self.session.mode)
-            self._pages = await self._on_worker(self.device.driver.acquire, item, values, self.session.mode,
-                                                self.cancel)
+            if self.file_variant:
+                self.log.info("file job starting", variant=self.file_variant)
+                self.file = await self._on_worker(self.device.driver.open_file, item, self.file_variant,
+                                                  self.session.mode, self.cancel)
+                self._pages = iter(())
+            else:
+                self.log.info("job starting", max_pages=self.max_pages)
+                await self.device.run_driver(self.device.driver.write_properties, item, values, self.session.mode)
+                self._pages = await self._on_worker(self.device.driver.acquire, item, values, self.session.mode,
+                                                    self.cancel)
             self.state = JobState.RUNNING
             self.last_progress = time.monotonic()
         except BaseException:
@@ -215,7 +225,33 @@ class Job:
         await self._on_worker(self._push, sink)
         self.state = JobState.DONE
 
+    async def push_file(self, write: Callable[[bytes | memoryview], None]) -> None:
+        """A file job: every piece of the file into ``write``, on the worker thread."""
+        self._check_running()
+        if self.file is None:
+            raise Failed("this job is not a file job")
+        await self._on_worker(self._push_file, self.file, write)
+        self.state = JobState.DONE
+
     # -- on the worker thread -------------------------------------------------------
+    def _push_file(self, file: FileData, write: Callable[[bytes | memoryview], None]) -> None:
+        size = max(1, file.info.size)
+        done = 0
+        self.pages = 1
+
+        def piece(chunk: bytes | memoryview) -> None:
+            nonlocal done
+            if self.cancel.is_set():
+                raise Cancelled(self.stop_reason)
+            write(chunk)
+            done += len(chunk)
+            self._report(min(99, done * 100 // size))
+
+        file.write_to(piece)
+        if self.cancel.is_set():
+            raise Cancelled(self.stop_reason)
+        self._report(100)
+
     def _advance(self) -> PageInfo | None:
         if self._page is not None:
             self._report(100)

@@ -109,6 +109,9 @@ class _Host:
     def device_failed(self, reason: str) -> None:
         self._post(self.manager.failed_by_driver, self.device_id, reason)
 
+    def tree_changed(self, event: DeviceEvent | None = None) -> None:
+        self._post(self.manager.tree_changed_by_driver, self.device_id, event)
+
     def device_recovered(self) -> None:
         self._post(self.manager.recovered_by_driver, self.device_id)
 
@@ -133,6 +136,8 @@ class DeviceManager:
         self.generations: dict[str, int] = {}
         #: Ids of devices whose driver is being started (found()): taken already.
         self._starting: set[str] = set()
+        #: Tree changes drivers reported while their device was being brought up.
+        self._early_changes: dict[str, list[DeviceEvent | None]] = {}
         self.sessions: dict[int, Session] = {}
         self.listeners: list[Listener] = []
         #: Chooses the consumer of an event no data-mode session takes (the event
@@ -205,6 +210,7 @@ class DeviceManager:
             await self._bring_up(candidate, entry, config, cls, present)
         finally:
             self._starting.discard(config.id)
+            self._early_changes.pop(config.id, None)
 
     async def _bring_up(self, candidate: Candidate, entry: CandidateEntry, config: DeviceConfig,
                         cls: type[Minidriver], present: Device | None) -> None:
@@ -336,6 +342,8 @@ class DeviceManager:
             device.log.info("device added", driver=device.driver.name, name=device.info.name,
                             generation=device.generation)
         self.notify("device_added", device)
+        for event in self._early_changes.pop(device.id, ()):
+            self.tree_changed_by_driver(device.id, event)
 
     def check_string(self, value: str, what: str) -> None:
         """Refuse a client's string longer than ``service.max_string_length``."""
@@ -397,6 +405,31 @@ class DeviceManager:
             self.changed(device, ["StateReason"])
         if device.recovery is None or device.recovery.done():
             device.recovery = self.spawn(self._recover(device))
+
+    def tree_changed_by_driver(self, device_id: str, event: DeviceEvent | None) -> None:
+        """The driver's items changed by themselves: rebuild the tree, then route ``event``.
+        Changes are applied one after another, in the order the driver reported them."""
+        device = self.devices.get(device_id)
+        if device is None and device_id in self._starting:
+            # Still being brought up (a driver listing in the background): once the
+            # device is added, its tree is brought up to date and the events routed.
+            self._early_changes.setdefault(device_id, []).append(event)
+            return
+        if device is None or device.disconnected:
+            return
+        previous = device.tree_refresh
+
+        async def refresh() -> None:
+            if previous is not None:
+                await asyncio.gather(previous, return_exceptions=True)
+            try:
+                await device.refresh_tree()
+            except StillError as e:
+                device.log.warning("could not rebuild the item tree", error=e.message)
+            if event is not None and not device.disconnected:
+                self.driver_event(device_id, event)
+
+        device.tree_refresh = self.spawn(refresh())
 
     def recovered_by_driver(self, device_id: str) -> None:
         device = self.devices.get(device_id)

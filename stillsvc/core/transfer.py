@@ -34,7 +34,7 @@ from typing import TYPE_CHECKING, Any
 
 from stillsvc.common.errors import Cancelled, Failed, InvalidArgument, StillError, Timeout, quote
 from stillsvc.core.jobs import Job, image_info
-from stillsvc.driver import PageInfo
+from stillsvc.driver import FILE_VARIANTS, PageInfo
 from stillsvc.imaging import FORMATS, MULTIPAGE_FORMATS, make_encoder
 
 if TYPE_CHECKING:
@@ -53,6 +53,8 @@ Progress = Callable[[int, int, int], None]  # page (1-based), percent of the pag
 class Summary:
     format: str
     content_type: str
+    #: A file's name (a camera's picture), empty for scanned pages.
+    name: str = ""
     bytes: int = 0
     pages: int = 0
     width: int = 0
@@ -85,16 +87,22 @@ class Transfer:
 
     def __init__(self, device: Device, session: Session, app: AppItem, fd: int, fmt: str,
                  progress: Progress | None = None) -> None:
-        fmt = fmt or app.values.get("format", DEFAULT_FORMAT)
-        if fmt not in FORMATS:
-            raise InvalidArgument(f"unknown format {quote(fmt)} (formats: {', '.join(FORMATS)})")
+        is_file = "resolution" not in app.specs and "size" in app.specs  # a camera's picture, a file
+        fmt = fmt or app.values.get("format", "native" if is_file else DEFAULT_FORMAT)
+        if fmt not in FORMATS and fmt not in FILE_VARIANTS:
+            raise InvalidArgument(f"unknown format {quote(fmt)} (formats: {', '.join(FORMATS + FILE_VARIANTS)})")
+        if fmt in FILE_VARIANTS and not is_file:
+            raise InvalidArgument(f"format {fmt} is for items that are files (a camera's pictures); item "
+                                  f"{app.name} scans images (formats: {', '.join(FORMATS)})")
+        if fmt in FORMATS and is_file:
+            raise InvalidArgument(f"item {app.name} is a file: its formats are {', '.join(FILE_VARIANTS)}")
         self.fd = fd
         self.format = fmt
         self.progress = progress
         self.job = Job(device, session, app, max_pages=None if fmt in MULTIPAGE_FORMATS else 1,
-                       progress=self._report, why="transfer")
+                       progress=self._report, why="transfer", file=fmt if is_file else "")
         self.stall = device.manager.limits.transfer_stall_ms / 1000
-        self.summary = Summary(format=fmt, content_type=make_encoder(fmt).content_type)
+        self.summary = Summary(format=fmt, content_type="" if is_file else make_encoder(fmt).content_type)
         self.log = self.job.log
 
     def stop(self, reason: str = "transfer cancelled", error: type[StillError] = Cancelled) -> None:
@@ -109,7 +117,13 @@ class Transfer:
             async with self.job:
                 self.log.info("transfer starting", format=self.format)
                 try:
-                    await self.job.push(_FdSink(self))
+                    if self.job.file is not None:
+                        self.summary.content_type = self.job.file.info.content_type
+                        self.summary.name = self.job.file.info.name
+                        self.summary.pages = 1
+                        await self.job.push_file(_FdSink(self)._write)
+                    else:
+                        await self.job.push(_FdSink(self))
                 except StillError as e:
                     if not self.job.stopped:
                         raise
@@ -137,7 +151,7 @@ class _FdSink:
         self.transfer = transfer
         self.job = transfer.job
         self.summary = transfer.summary
-        self.encoder = make_encoder(transfer.format)
+        self.encoder = make_encoder(transfer.format if transfer.format in FORMATS else "raw")
         self.poller = select.poll()
         self.poller.register(transfer.fd, select.POLLOUT)
 
@@ -158,7 +172,7 @@ class _FdSink:
     def finish(self) -> None:
         self._write(self.encoder.finish())
 
-    def _write(self, data: bytes) -> None:
+    def _write(self, data: bytes | memoryview) -> None:
         """Write all of ``data``, waiting for the reader in slices; raises Cancelled
         (when stopped, and when the reader has stalled: then with Timeout as the error)."""
         view = memoryview(data)

@@ -43,7 +43,7 @@ from __future__ import annotations
 import enum
 import fnmatch
 import threading
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Protocol
 
@@ -212,6 +212,28 @@ class Page(Protocol):
         ...
 
 
+@dataclass(frozen=True)
+class FileInfo:
+    """A file an item is (a camera's picture), as :meth:`Minidriver.open_file` gives it."""
+
+    name: str
+    size: int
+    content_type: str
+
+
+class FileData(Protocol):
+    info: FileInfo
+
+    def write_to(self, write: Callable[[bytes | memoryview], None]) -> None:
+        """Hand the file's bytes, unchanged, to ``write`` piece by piece (a piece may be
+        a view of a buffer that is reused once ``write`` returns)."""
+        ...
+
+
+#: The transfer formats of items that are files: the bytes as the device has them, or its thumbnail.
+FILE_VARIANTS = ("native", "thumbnail")
+
+
 class DriverHost(Protocol):
     """What the service offers a driver. Every method is safe to call from any thread."""
 
@@ -220,6 +242,13 @@ class DriverHost(Protocol):
     def device_unplugged(self) -> None: ...
 
     def device_replugged(self) -> None: ...
+
+    def tree_changed(self, event: DeviceEvent | None = None) -> None:
+        """The device's items changed by themselves (a picture taken, a card pulled):
+        the service rebuilds the tree from :meth:`Minidriver.build_item_tree` (new
+        items +1, gone ones -1 and marked dead), then routes ``event``, if any, so
+        that whoever gets it finds the item it names."""
+        ...
 
     def device_failed(self, reason: str) -> None:
         """The device stopped working (a backend crashed): shown failed with ``reason``
@@ -344,9 +373,16 @@ class Minidriver:
         """Yield the pages of one acquisition from ``item``; stop when ``cancel`` is set."""
         raise NotSupported(f"{self.name}: item {item.name} cannot transfer images")
 
+    def open_file(self, item: DriverItem, variant: str, mode: Mode, cancel: threading.Event) -> FileData:
+        """For items that are files (a camera's pictures): the bytes of ``item`` as
+        the device has them (``variant`` "native") or its thumbnail ("thumbnail"),
+        streamed; stop when ``cancel`` is set."""
+        raise NotSupported(f"{self.name}: item {item.name} is not a file")
+
     def command(self, item: DriverItem, command: str, mode: Mode) -> None:
-        """A device command on ``item``, e.g. ``synchronize``. Item tree changes are
-        made by the service from :meth:`build_item_tree` after ``synchronize``."""
+        """A device command on ``item``: ``synchronize``, or ``delete`` (a camera's
+        picture). Item tree changes are made by the service from
+        :meth:`build_item_tree` after either."""
         raise NotSupported(f"{self.name}: command {command!r} is not supported")
 
 

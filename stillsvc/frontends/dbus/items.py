@@ -126,6 +126,12 @@ class ItemInterface(ServiceInterface):
         self.transfer.stop("cancelled by the client")
 
     @method()
+    async def Delete(self):
+        app = self._mine()
+        self.session.check_open()
+        await self.session.device.delete_item(self.session, app)
+
+    @method()
     async def Synchronize(self):
         self._mine()
         self.session.check_open()
