@@ -12,6 +12,7 @@ if [ "$(id -u)" -ne 0 ]; then
 fi
 
 packages=(dbus dbus-daemon dbus-bin libusb-1.0-0 umockdev util-linux systemd sane-utils libsane1 sane-airscan iproute2 openssl chromium
+          qemu-system-x86 linux-image-amd64 busybox-static
           libdbus-1-dev libglib2.0-dev pkg-config gcc make)
 
 # Install into the python3 on PATH when it has pip and may be installed into

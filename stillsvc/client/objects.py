@@ -411,7 +411,8 @@ class Item:
         """Acquire an image into ``target``: a descriptor open for writing (a pipe, a
         socket, a file; it stays the caller's) or a path (created or truncated, and
         closed when done). ``format``: raw, pnm, png, tiff, jpeg, pdf; "" for the
-        item's ``format`` property.
+        item's ``format`` property; for an item that is a file (a camera's picture)
+        "native" (its bytes unchanged, also "") or "thumbnail".
 
         ``progress`` is called with each ``Progress`` signal. Cancelling the awaiting
         task cancels the transfer in the service too (``Item.Cancel``) and waits for
@@ -462,4 +463,8 @@ class Item:
     async def synchronize(self) -> None:
         """Rebuild the device's item tree from the device (after a feeder came or went)."""
         await self._call("Synchronize")
+
+    async def delete(self) -> None:
+        """Remove this item from the device (a camera's picture); needs data mode."""
+        await self._call("Delete")
 

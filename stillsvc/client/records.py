@@ -248,6 +248,8 @@ class TransferSummary(_Record):
     depth: int
     resolution: int
     mode: str
+    #: A file's name (a camera's picture); empty for scanned pages.
+    name: str = ""
     _source: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
 
     @classmethod
@@ -255,7 +257,7 @@ class TransferSummary(_Record):
         return cls(format=d.get("format", ""), content_type=d.get("content_type", ""), bytes=int(d.get("bytes", 0)),
                    pages=int(d.get("pages", 0)), width=int(d.get("width", 0)), height=int(d.get("height", 0)),
                    depth=int(d.get("depth", 0)), resolution=int(d.get("resolution", 0)), mode=d.get("mode", ""),
-                   _source=dict(d))
+                   name=d.get("name", ""), _source=dict(d))
 
 
 # -- registrations and agents ---------------------------------------------------------------------

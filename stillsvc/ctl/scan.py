@@ -1,4 +1,4 @@
-"""stillctl subcommands for the item tree: ``scan``, ``items`` and ``props``.
+"""stillctl subcommands for the item tree: ``scan``, ``get``, ``delete``, ``items`` and ``props``.
 
 Registered with :func:`stillsvc.ctl.command` when :mod:`stillsvc.ctl` loads.
 """
@@ -138,6 +138,54 @@ async def scan_into(ctl: Ctl, session: Session, args: argparse.Namespace, fmt: s
     summary = await item.transfer(target, fmt, progress=bar.update)
     bar.done()
     return summary.as_dict()
+
+
+def _split_item(text: str) -> tuple[str, str]:
+    device, _, wanted = text.partition("/")
+    if not device or not wanted:
+        raise CtlError(f"ITEM is DEVICE/ITEM, e.g. camera/Root/store-00010001/DCIM/IMG_0001.JPG, not {text!r}", code=2)
+    return device, wanted
+
+
+@command("get", "copy a camera's picture (or any file item) out",
+         arg("item", metavar="ITEM", help="DEVICE/ITEM, e.g. camera/Root/store-00010001/DCIM/IMG_0001.JPG"),
+         arg("-o", "--output", metavar="FILE", help="where to write it (default: its own name here; '-' for stdout)"),
+         arg("--thumbnail", action="store_true", help="the camera's thumbnail of it instead"),
+         arg("--wait", type=float, default=30.0, metavar="SECONDS",
+             help="how long to wait for the device if another client holds it (default 30)"),
+         description="Open the device in data mode and copy ITEM's bytes, unchanged, into FILE.")
+async def cmd_get(ctl: Ctl, args: argparse.Namespace) -> int:
+    device, wanted = _split_item(args.item)
+    session = await ctl.client.manager.open_session(device, "data", wait=args.wait)
+    async with session:
+        info = pick_item(await session.items(), wanted)
+        item = await session.item(info.path)
+        output = args.output or (("thumb-" if args.thumbnail else "") + info.name)
+        bar = _ProgressBar(sys.stderr.isatty() and not ctl.json)
+        target = sys.stdout.fileno() if output == "-" else output
+        summary = await item.transfer(target, "thumbnail" if args.thumbnail else "native", progress=bar.update)
+        bar.done()
+    if ctl.json:
+        print_json({"output": output, **summary.as_dict()})
+    else:
+        print(f"{output}: {summary.content_type}, {summary.bytes} bytes", file=sys.stderr)
+    return 0
+
+
+@command("delete", "delete a camera's picture",
+         arg("item", metavar="ITEM", help="DEVICE/ITEM, e.g. camera/Root/store-00010001/DCIM/IMG_0001.JPG"),
+         arg("--wait", type=float, default=30.0, metavar="SECONDS",
+             help="how long to wait for the device if another client holds it (default 30)"),
+         description="Open the device in data mode and remove ITEM from it (and from its item tree).")
+async def cmd_delete(ctl: Ctl, args: argparse.Namespace) -> int:
+    device, wanted = _split_item(args.item)
+    session = await ctl.client.manager.open_session(device, "data", wait=args.wait)
+    async with session:
+        info = pick_item(await session.items(), wanted)
+        await (await session.item(info.path)).delete()
+    if not ctl.json:
+        print(f"deleted {info.item_path}", file=sys.stderr)
+    return 0
 
 
 def scan_settings(args: argparse.Namespace, fmt: str) -> dict[str, Any]:

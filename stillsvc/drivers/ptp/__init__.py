@@ -28,7 +28,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import Any
 
 import structlog
 
@@ -143,8 +143,6 @@ class PtpCamera(Minidriver):
     port_policy = PortPolicy.DEDICATED
     events = EventSource.PUSH
 
-    #: The pyusb backend (None: libusb1); a simulated camera's in tests.
-    usb_backend: ClassVar[Callable[[], Any] | None] = None
 
     def __init__(self, config, host) -> None:  # type: ignore[no-untyped-def]
         super().__init__(config, host)
@@ -186,9 +184,12 @@ class PtpCamera(Minidriver):
             self._stop.set()
             self.host.device_unplugged()
 
+    def usb_backend(self) -> Any:
+        """pyusb's backend: None for the real one (libusb1); a simulated camera's in tests."""
+        return None
+
     def _open(self) -> None:
-        backend = type(self).usb_backend() if type(self).usb_backend is not None else None
-        self.usb = UsbPort(self.port, (6, 1, 1), backend=backend, accept=_has_ptp_endpoints)
+        self.usb = UsbPort(self.port, (6, 1, 1), backend=self.usb_backend(), accept=_has_ptp_endpoints)
         self.usb.open()
         self.session = PtpSession(self.usb)
         try:
@@ -379,7 +380,7 @@ class PtpCamera(Minidriver):
 
     def _event(self, code: int, params: tuple[int, ...]) -> None:
         first = params[0] if params else 0
-        self.log.debug("camera event", event=code_name(code), params=params)
+        self.log.debug("camera event", ptp_event=code_name(code), params=params)
         if code == Event.ObjectAdded:
             obj = self._fetch(first)
             if obj is None:

@@ -253,7 +253,7 @@ class SaneScanner(Minidriver):
     def get_status(self, mode: Mode) -> dict[str, Any]:
         options = self._open()
         status: dict[str, Any] = {"online": True, "sane_name": self.sane_name}
-        sensors = options.sensors()
+        sensors = options.active_sensors()
         if sensors:
             for option, value in zip(sensors, self._read(sensors)):
                 status[f"sensor:{option.name}"] = value
@@ -270,7 +270,7 @@ class SaneScanner(Minidriver):
 
     def poll_events(self) -> list[DeviceEvent]:
         options = self._open()
-        sensors = options.sensors()
+        sensors = options.active_sensors()
         if not sensors:
             return []
         events: list[DeviceEvent] = []

@@ -26,6 +26,7 @@ An option the backend marks inactive is listed in :meth:`OptionSet.inactive`.
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass, field
 from typing import Any
@@ -258,6 +259,10 @@ class OptionSet:
             sizes.append(float(top))
         return sizes[0], sizes[1]
 
+    def active_sensors(self) -> list[Option]:
+        """The sensors that can be read now (a backend refuses to read an inactive option)."""
+        return [o for o in self.sensors() if o.active]
+
     def sensors(self) -> list[Option]:
         found = []
         for option in self.options:
@@ -375,18 +380,21 @@ class OptionSet:
             wanted.append(("resolution", float(dpi) if option.type == Type.FIXED else dpi))
         if self.has_geometry() and "width" in values:
             dpi = int(values["resolution"])
-            # Half a pixel more than the edge, so a backend that rounds down gets the
-            # number of pixels asked for and one that rounds to nearest does too.
+            # Each edge a little inside its pixel (the left and top edges 0.1 of a pixel
+            # on, the right and bottom 0.35), so that a backend that rounds down and one
+            # that rounds to nearest, each edge or the width, all get the pixels asked
+            # for. An edge quantised by the backend (the test backend: whole mm) goes
+            # outwards to its step, so the area scanned covers the area asked for.
             x0, y0 = values["x_offset"], values["y_offset"]
             edges = {"tl-x": x0, "tl-y": y0, "br-x": x0 + values["width"], "br-y": y0 + values["height"]}
             for name in GEOMETRY:
                 option = self.by_name[name]
+                far = name.startswith("br")
                 pixels = edges[name]
                 if option.unit == Unit.PIXEL:
                     value: Any = int(pixels)
                 else:
-                    value = (pixels + (0.5 if name.startswith("br") else 0)) * MM_PER_INCH / dpi
-                    value = _clamp(option, value)
+                    value = _quantise(option, (pixels + (0.35 if far else 0.1)) * MM_PER_INCH / dpi, far)
                 wanted.append((name, float(value) if option.type == Type.FIXED else int(round(value))))
         for option in sorted(self.extras(), key=lambda o: o.index):
             name = self.property_name(option)
@@ -405,11 +413,17 @@ class OptionSet:
                                   f"{values['resolution']} dpi)")
 
 
-def _clamp(option: Option, value: float) -> float:
+def _quantise(option: Option, value: float, up: bool) -> float:
+    """``value`` on the option's range: to its step (outwards: up for a far edge, down
+    for a near one), within its limits."""
     valid = option.valid()
-    if isinstance(valid, Range):
-        return min(max(value, valid.minimum), valid.maximum)
-    return value
+    if not isinstance(valid, Range):
+        return value
+    if valid.step:
+        steps = (value - valid.minimum) / valid.step
+        steps = math.ceil(steps - 1e-6) if up else math.floor(steps + 1e-6)
+        value = valid.minimum + steps * valid.step
+    return min(max(value, valid.minimum), valid.maximum)
 
 
 def _pixels(mm: float, dpi: int) -> int:

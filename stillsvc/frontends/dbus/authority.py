@@ -65,7 +65,8 @@ RULES: dict[tuple[str, str], str] = {
         "GetLastNotificationData", "HandOver", "Close")},
     # Item: the owner of its session only
     **{(ITEM_IFACE, name): OWNER for name in (
-        "ReadProperties", "GetPropertyAttributes", "WriteProperties", "Transfer", "Cancel", "Synchronize")},
+        "ReadProperties", "GetPropertyAttributes", "WriteProperties", "Transfer", "Cancel", "Synchronize",
+        "Delete")},
     # Simulator: only simulated devices have it; driving one is a device use
     **{(SIMULATOR_IFACE, name): USE for name in (
         "PressButton", "LoadPages", "Jam", "Unplug", "Replug", "AttachFeeder")},
