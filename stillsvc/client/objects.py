@@ -407,12 +407,14 @@ class Item:
         await self._call("WriteProperties", "a{sv}", [vardict(wanted, self._types)])
 
     async def transfer(self, target: int | str | os.PathLike[str], format: str = "", *,
-                       progress: Callable[[Progress], None] | None = None) -> TransferSummary:
+                       progress: Callable[[Progress], None] | None = None, offset: int | None = None,
+                       length: int | None = None) -> TransferSummary:
         """Acquire an image into ``target``: a descriptor open for writing (a pipe, a
         socket, a file; it stays the caller's) or a path (created or truncated, and
         closed when done). ``format``: raw, pnm, png, tiff, jpeg, pdf; "" for the
         item's ``format`` property; for an item that is a file (a camera's picture)
-        "native" (its bytes unchanged, also "") or "thumbnail".
+        "native" (its bytes unchanged, also "") or "thumbnail"; ``offset`` and
+        ``length`` ask for part of a file's native bytes.
 
         ``progress`` is called with each ``Progress`` signal. Cancelling the awaiting
         task cancels the transfer in the service too (``Item.Cancel``) and waits for
@@ -421,15 +423,18 @@ class Item:
         :class:`Cancelled`. There is no call timeout: the service itself stops a
         transfer whose reader stalls.
         """
+        options = {name: Variant("t", value) for name, value in (("offset", offset), ("length", length))
+                   if value is not None}
         if isinstance(target, int):
-            return await self._transfer(target, format, progress)
+            return await self._transfer(target, format, progress, options)
         fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
         try:
-            return await self._transfer(fd, format, progress)
+            return await self._transfer(fd, format, progress, options)
         finally:
             os.close(fd)
 
-    async def _transfer(self, fd: int, fmt: str, progress: Callable[[Progress], None] | None) -> TransferSummary:
+    async def _transfer(self, fd: int, fmt: str, progress: Callable[[Progress], None] | None,
+                        options: dict[str, Variant]) -> TransferSummary:
         service = self.session._service
 
         def on_signal(msg: Message) -> None:
@@ -439,7 +444,7 @@ class Item:
 
         self._client._add_handler(on_signal)
         call = asyncio.ensure_future(self._client._call_message(
-            self.path, ITEM_IFACE, "Transfer", "hsa{sv}", [0, fmt, {}], fds=[fd], timeout=None))
+            self.path, ITEM_IFACE, "Transfer", "hsa{sv}", [0, fmt, options], fds=[fd], timeout=None))
         call.add_done_callback(lambda t: t.cancelled() or t.exception())
         try:
             reply = await asyncio.shield(call)

@@ -88,7 +88,8 @@ class Job:
     """
 
     def __init__(self, device: Device, session: Session, app: AppItem, *, max_pages: int | None = None,
-                 progress: Progress | None = None, why: str = "job", file: str = "") -> None:
+                 progress: Progress | None = None, why: str = "job", file: str = "",
+                 span: tuple[int, int | None] | None = None) -> None:
         session.require_data("transferring images")
         app.check_device_access()
         self.device = device
@@ -111,6 +112,8 @@ class Job:
         #: A file job (an item that is a file: a camera's picture) names the variant
         #: ("native", "thumbnail"); its data is :attr:`file`, not pages.
         self.file_variant = file
+        #: Part of a file: (offset, length or None for the rest).
+        self.span = span
         self.file: FileData | None = None
         self._pages: Iterator[Page] | None = None
         self._bands: Iterator[bytes] | None = None
@@ -137,7 +140,7 @@ class Job:
             if self.file_variant:
                 self.log.info("file job starting", variant=self.file_variant)
                 self.file = await self._on_worker(self.device.driver.open_file, item, self.file_variant,
-                                                  self.session.mode, self.cancel)
+                                                  self.session.mode, self.cancel, self.span)
                 self._pages = iter(())
             else:
                 self.log.info("job starting", max_pages=self.max_pages)

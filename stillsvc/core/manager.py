@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any
 import structlog
 
 from stillsvc.common.errors import (
+    Busy,
     Cancelled,
     Disconnected,
     Failed,
@@ -42,6 +43,9 @@ log = structlog.get_logger(__name__)
 DEVICE_START_TIMEOUT = 15.0
 #: How long a driver may take to shut down when its device goes.
 DEVICE_STOP_TIMEOUT = 5.0
+#: Starting again a device another program had: the first wait, doubling up to the last (seconds).
+BUSY_RETRY_FIRST = 1.0
+BUSY_RETRY_MAX = 30.0
 #: Bringing back a device whose driver reported it failed: the first wait, doubling up to the last (seconds).
 RECOVER_FIRST = 0.2
 RECOVER_MAX = 30.0
@@ -136,6 +140,8 @@ class DeviceManager:
         self.generations: dict[str, int] = {}
         #: Ids of devices whose driver is being started (found()): taken already.
         self._starting: set[str] = set()
+        #: Devices another program had when they were started: attempts so far.
+        self._busy_retries: dict[str, int] = {}
         #: Tree changes drivers reported while their device was being brought up.
         self._early_changes: dict[str, list[DeviceEvent | None]] = {}
         self.sessions: dict[int, Session] = {}
@@ -229,6 +235,10 @@ class DeviceManager:
                 f"its {cls.name} driver did not initialise within {DEVICE_START_TIMEOUT:g} s"
             log.error("device failed", device=config.id, driver=cls.name, reason=failure)
             entry.status, entry.reason = "failed", failure
+            if isinstance(e.__cause__, Busy) or isinstance(e, Busy):
+                # Another program has it (gvfs holding a camera's interface): try again
+                # now and then, so the device comes up once that program lets go.
+                self._retry_later(candidate)
             if present is not None and present.failure:  # it failed again: say why, in place
                 self.spawn(self._discard(driver, executor))
                 present.failure = failure
@@ -240,9 +250,25 @@ class DeviceManager:
         device = Device(self, config, driver, info, executor, failure=failure)
         if tree is not None:
             device.adopt_tree(tree)
+            self._busy_retries.pop(candidate.id, None)
         self._register(device)
 
+    def _retry_later(self, candidate: Candidate) -> None:
+        attempt = self._busy_retries.get(candidate.id, 0)
+        self._busy_retries[candidate.id] = attempt + 1
+        delay = min(BUSY_RETRY_FIRST * 2 ** attempt, BUSY_RETRY_MAX)
+
+        async def retry() -> None:
+            await asyncio.sleep(delay)
+            entry = self.candidates.get(candidate.id)
+            if entry is not None and entry.status == "failed" and entry.candidate is candidate:
+                log.info("trying a device again that another program had", candidate=candidate.id)
+                await self.found(candidate)
+
+        self.spawn(retry())
+
     async def lost(self, candidate_id: str) -> None:
+        self._busy_retries.pop(candidate_id, None)
         entry = self.candidates.pop(candidate_id, None)
         if entry is not None and entry.device_id:
             await self.remove_device(entry.device_id)

@@ -86,7 +86,7 @@ class Transfer:
     else PNG), into ``fd`` (which it closes)."""
 
     def __init__(self, device: Device, session: Session, app: AppItem, fd: int, fmt: str,
-                 progress: Progress | None = None) -> None:
+                 progress: Progress | None = None, span: tuple[int, int | None] | None = None) -> None:
         is_file = "resolution" not in app.specs and "size" in app.specs  # a camera's picture, a file
         fmt = fmt or app.values.get("format", "native" if is_file else DEFAULT_FORMAT)
         if fmt not in FORMATS and fmt not in FILE_VARIANTS:
@@ -96,11 +96,13 @@ class Transfer:
                                   f"{app.name} scans images (formats: {', '.join(FORMATS)})")
         if fmt in FORMATS and is_file:
             raise InvalidArgument(f"item {app.name} is a file: its formats are {', '.join(FILE_VARIANTS)}")
+        if span is not None and fmt != "native":
+            raise InvalidArgument("the options offset and length are for a file's native bytes only")
         self.fd = fd
         self.format = fmt
         self.progress = progress
         self.job = Job(device, session, app, max_pages=None if fmt in MULTIPAGE_FORMATS else 1,
-                       progress=self._report, why="transfer", file=fmt if is_file else "")
+                       progress=self._report, why="transfer", file=fmt if is_file else "", span=span)
         self.stall = device.manager.limits.transfer_stall_ms / 1000
         self.summary = Summary(format=fmt, content_type="" if is_file else make_encoder(fmt).content_type)
         self.log = self.job.log

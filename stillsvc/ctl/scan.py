@@ -151,6 +151,8 @@ def _split_item(text: str) -> tuple[str, str]:
          arg("item", metavar="ITEM", help="DEVICE/ITEM, e.g. camera/Root/store-00010001/DCIM/IMG_0001.JPG"),
          arg("-o", "--output", metavar="FILE", help="where to write it (default: its own name here; '-' for stdout)"),
          arg("--thumbnail", action="store_true", help="the camera's thumbnail of it instead"),
+         arg("--offset", type=int, metavar="BYTES", help="only from this byte on (to resume a copy)"),
+         arg("--length", type=int, metavar="BYTES", help="only this many bytes"),
          arg("--wait", type=float, default=30.0, metavar="SECONDS",
              help="how long to wait for the device if another client holds it (default 30)"),
          description="Open the device in data mode and copy ITEM's bytes, unchanged, into FILE.")
@@ -163,7 +165,8 @@ async def cmd_get(ctl: Ctl, args: argparse.Namespace) -> int:
         output = args.output or (("thumb-" if args.thumbnail else "") + info.name)
         bar = _ProgressBar(sys.stderr.isatty() and not ctl.json)
         target = sys.stdout.fileno() if output == "-" else output
-        summary = await item.transfer(target, "thumbnail" if args.thumbnail else "native", progress=bar.update)
+        summary = await item.transfer(target, "thumbnail" if args.thumbnail else "native", progress=bar.update,
+                                      offset=args.offset, length=args.length)
         bar.done()
     if ctl.json:
         print_json({"output": output, **summary.as_dict()})

@@ -373,10 +373,13 @@ class Minidriver:
         """Yield the pages of one acquisition from ``item``; stop when ``cancel`` is set."""
         raise NotSupported(f"{self.name}: item {item.name} cannot transfer images")
 
-    def open_file(self, item: DriverItem, variant: str, mode: Mode, cancel: threading.Event) -> FileData:
+    def open_file(self, item: DriverItem, variant: str, mode: Mode, cancel: threading.Event,
+                  span: tuple[int, int | None] | None = None) -> FileData:
         """For items that are files (a camera's pictures): the bytes of ``item`` as
         the device has them (``variant`` "native") or its thumbnail ("thumbnail"),
-        streamed; stop when ``cancel`` is set."""
+        streamed; stop when ``cancel`` is set. ``span``: only ``length`` bytes
+        (None: the rest) from ``offset`` of the native bytes (NotSupported where the
+        device cannot)."""
         raise NotSupported(f"{self.name}: item {item.name} is not a file")
 
     def command(self, item: DriverItem, command: str, mode: Mode) -> None:

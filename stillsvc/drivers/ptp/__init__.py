@@ -67,6 +67,8 @@ EVENTS = ("new-picture", "new-file", "picture-removed", "storage-added", "storag
 #: How often the background listing tells the service its tree has grown (seconds).
 LISTING_REPORT = 0.5
 ROOT_LEVEL = 0xFFFFFFFF
+#: GetPartialObject asks for this much at a time.
+PARTIAL_PIECE = 16 * 1024 * 1024
 _UNSAFE = re.compile(r"[^A-Za-z0-9_]")
 
 
@@ -559,10 +561,13 @@ class PtpCamera(Minidriver):
             raise NotFound(f"the camera no longer has {item.path}")
         return obj
 
-    def open_file(self, item: DriverItem, variant: str, mode: Mode, cancel: threading.Event) -> _PtpFile:
+    def open_file(self, item: DriverItem, variant: str, mode: Mode, cancel: threading.Event,
+                  span: tuple[int, int | None] | None = None) -> _PtpFile:
         self.require_data(mode)
         obj = self._object(item)
         name = obj.info.filename
+        if span is not None:
+            return self._partial(obj, span, cancel)
         if variant == "thumbnail":
             if not obj.info.thumb_format or not obj.info.thumb_size:
                 raise NotFound(f"the camera has no thumbnail of {item.path}")
@@ -580,6 +585,33 @@ class PtpCamera(Minidriver):
 
         return _PtpFile(info, run)
 
+    def _partial(self, obj: _Object, span: tuple[int, int | None], cancel: threading.Event) -> _PtpFile:
+        """Part of an object, with GetPartialObject (in pieces, as its offset is 32 bits)."""
+        if not self._session().supports(Op.GetPartialObject):
+            raise NotSupported("the camera does not offer GetPartialObject: only whole pictures can be copied")
+        offset, length = span
+        size = obj.info.size
+        if offset > size:
+            raise InvalidArgument(f"offset {offset} is beyond the end of {obj.info.filename} ({size} bytes)")
+        length = size - offset if length is None else min(length, size - offset)
+        if offset + length > 0xFFFFFFFF:
+            raise NotSupported("GetPartialObject reaches only the first 4 GiB of an object")
+
+        def run(write: Callable[[memoryview], None]) -> None:
+            done = 0
+            while done < length:
+                if cancel.is_set():
+                    return
+                piece = min(PARTIAL_PIECE, length - done)
+                reply = self._call(Op.GetPartialObject, (obj.handle, offset + done, piece), sink=write,
+                                   cancel=cancel)
+                sent = reply.params[0] if reply.params else piece
+                if sent == 0:
+                    return
+                done += sent
+
+        return _PtpFile(FileInfo(obj.info.filename, length, mime_of(obj.info.format)), run)
+
     def command(self, item: DriverItem, command: str, mode: Mode) -> None:
         if command == "synchronize":
             self._load_storages()
@@ -594,10 +626,6 @@ class PtpCamera(Minidriver):
             obj = self._object(item)
             self._call(Op.DeleteObject, (obj.handle, 0))
             self._forget(obj.handle)
-            return
-        if command == "capture":
-            self.require_data(mode, "taking a picture")
-            self._call(Op.InitiateCapture, (0, 0))
             return
         super().command(item, command, mode)
 

@@ -103,10 +103,18 @@ class ItemInterface(ServiceInterface):
     async def Transfer(self, fd: "h", format: "s", options: "a{sv}") -> "a{sv}":
         app = self._mine()
         self.session.check_open()
-        check_options(options, set())
+        check_options(options, {"offset", "length"})
+        span = None
+        if options:
+            offset = options["offset"].value if "offset" in options else 0
+            length = options["length"].value if "length" in options else None
+            for name, value in (("offset", offset), ("length", length)):
+                if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 0):
+                    raise InvalidArgument(f"option {name} must be a byte count (an unsigned integer)")
+            span = (offset, length)
         if self.transfer is not None:
             raise InvalidArgument(f"a transfer from item {app.name} is already running")
-        transfer = Transfer(self.session.device, self.session, app, fd, format, progress=self._progress)
+        transfer = Transfer(self.session.device, self.session, app, fd, format, progress=self._progress, span=span)
         take_fd(fd)  # accepted: the transfer owns it now and closes it when it ends
         self.transfer = transfer
         try:
