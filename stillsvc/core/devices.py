@@ -197,9 +197,11 @@ class Device:
             raise Failed(f"the {self.driver.name} driver failed: {type(e).__name__}") from e
 
     # -- the device lock ----------------------------------------------------------
-    async def lock(self, owner: Any, timeout: float, limited: bool = True) -> None:
+    async def lock(self, owner: Any, timeout: float, limited: bool = True, driver_lock: bool = True) -> None:
         """Take the device lock for ``owner``, waiting in line (and then for another
-        program holding the lock file) up to ``timeout`` seconds in all."""
+        program holding the lock file) up to ``timeout`` seconds in all. Without
+        ``driver_lock`` the driver's lock()/unlock() are left to the holder, which
+        calls them itself on the worker thread (the event poller: one hop a poll)."""
         self.check_usable()
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
@@ -224,10 +226,11 @@ class Device:
             await self.take_lockfile(wanted, deadline, timeout)
             self.check_usable()
             still_wanted()
-            await self.run_driver(self.driver.lock, _owner_mode(owner))
-            driver_locked = True
-            still_wanted()
-            self._locked_for = owner
+            if driver_lock:
+                await self.run_driver(self.driver.lock, _owner_mode(owner))
+                driver_locked = True
+                still_wanted()
+                self._locked_for = owner
         except BaseException:
             if driver_locked and not self.disconnected:
                 with contextlib.suppress(StillError):

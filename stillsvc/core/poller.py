@@ -10,7 +10,7 @@ from stillsvc.common.errors import StillError
 from stillsvc.core.devices import Device
 from stillsvc.core.manager import DeviceManager
 from stillsvc.core.sessions import Hold, Session
-from stillsvc.driver import DeviceEvent
+from stillsvc.driver import DeviceEvent, Minidriver, Mode
 
 
 async def poll_events(manager: DeviceManager, device: Device, session: Session) -> None:
@@ -23,7 +23,7 @@ async def poll_events(manager: DeviceManager, device: Device, session: Session) 
         owner = Hold("event poll", session)
         try:
             # Never wait for the lock: a client that holds or waits for it goes first.
-            await device.lock(owner, 0)
+            await device.lock(owner, 0, driver_lock=False)
         except StillError as e:
             device.log.debug("event poll skipped", reason=e.message)
             continue
@@ -32,7 +32,7 @@ async def poll_events(manager: DeviceManager, device: Device, session: Session) 
             # this check and the driver call starting.
             if not _may_poll(device, locked=True):
                 continue
-            events: list[DeviceEvent] = await device.run_driver(device.driver.poll_events)
+            events: list[DeviceEvent] = await device.run_driver(_poll_once, device.driver)
         except StillError as e:
             device.log.warning("event poll failed", error=e.message)
             continue
@@ -45,6 +45,15 @@ async def poll_events(manager: DeviceManager, device: Device, session: Session) 
             else:
                 device.log.error("driver returned something that is not an event from poll_events",
                                  value=repr(event)[:80])
+
+def _poll_once(driver: Minidriver) -> list[DeviceEvent]:
+    """lock(), poll_events(), unlock(): one trip to the worker thread a poll."""
+    driver.lock(Mode.STATUS)
+    try:
+        return driver.poll_events()
+    finally:
+        driver.unlock()
+
 
 def _may_poll(device: Device, locked: bool = False) -> bool:
     if device.disconnected or device.standing_back or device.held_outside or device.data_holder is not None:

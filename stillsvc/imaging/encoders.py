@@ -108,7 +108,8 @@ class Encoder:
         return b""
 
     def _rows(self, data: bytes, count: int) -> bytes:
-        return bytes(data)
+        # Rows that pass through unchanged are not copied when they are immutable.
+        return data if type(data) is bytes else bytes(data)
 
     def _end(self) -> bytes:
         return b""
@@ -311,7 +312,7 @@ class TiffEncoder(Encoder):
 
     def _rows(self, data: bytes, count: int) -> bytes:
         self._pos += len(data)
-        return bytes(data)
+        return data if type(data) is bytes else bytes(data)
 
     def _finish(self) -> bytes:
         return self._emit_held(0)

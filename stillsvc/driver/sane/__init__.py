@@ -219,19 +219,20 @@ class SaneProcess:
             except OSError:
                 pass
 
-    def receive(self, during: str, timeout: float | None = None) -> tuple[dict[str, Any], bytearray]:
+    def receive(self, during: str, timeout: float | None = None) -> tuple[dict[str, Any], bytes]:
         """The next message: its JSON and its payload."""
         header = self._read_exact(HEADER.size, during, timeout)
         size, payload_size = HEADER.unpack(header)
         message = json.loads(bytes(self._read_exact(size, during, timeout)))
-        payload = self._read_exact(payload_size, during, timeout) if payload_size else bytearray()
+        payload = self._read_exact(payload_size, during, timeout) if payload_size else b""
         return message, payload
 
-    def _read_exact(self, size: int, during: str, timeout: float | None) -> bytearray:
+    def _read_exact(self, size: int, during: str, timeout: float | None) -> bytes:
+        """``size`` bytes from the worker: usually one read (the pipe holds a whole
+        message), else the pieces joined. Each result is new memory, the caller's to keep."""
         assert self.proc is not None and self.proc.stdout is not None
         fd = self.proc.stdout.fileno()
-        buffer = bytearray(size)
-        view = memoryview(buffer)
+        pieces: list[bytes] = []
         got = 0
         poller = select.poll()
         poller.register(fd, select.POLLIN)
@@ -241,11 +242,12 @@ class SaneProcess:
                 self.kill(f"the SANE backend did not answer within {wait:g} s")
                 raise WorkerHung(f"the SANE backend did not answer within {wait:g} s during {during}; "
                                  "its worker process was stopped")
-            n = os.readv(fd, [view[got:]])
-            if n == 0:
+            piece = os.read(fd, size - got)
+            if not piece:
                 raise self._died(during)
-            got += n
-        return buffer
+            pieces.append(piece)
+            got += len(piece)
+        return pieces[0] if len(pieces) == 1 else b"".join(pieces)
 
     def request(self, op: str, **arguments: Any) -> dict[str, Any]:
         """One request and its reply; a SANE error status raises the service's error for it."""
@@ -278,7 +280,7 @@ class SaneProcess:
     def stats(self) -> dict[str, Any]:
         return self.request("stats") if self.running else {"calls": {}, "open": False, "pid": None}
 
-    def scan(self, cancel: threading.Event) -> Iterator[PageGeometry | bytearray]:
+    def scan(self, cancel: threading.Event) -> Iterator[PageGeometry | bytes]:
         """One page: ``sane_start`` and the frames. Yields the page's geometry, then
         blocks of whole rows. Closing the iterator early cancels the scan and
         drains the worker. A SANE error (NO_DOCS at the start of a page, JAMMED

@@ -383,8 +383,9 @@ class OptionSet:
             # Each edge a little inside its pixel (the left and top edges 0.1 of a pixel
             # on, the right and bottom 0.35), so that a backend that rounds down and one
             # that rounds to nearest, each edge or the width, all get the pixels asked
-            # for. An edge quantised by the backend (the test backend: whole mm) goes
-            # outwards to its step, so the area scanned covers the area asked for.
+            # for. An edge the backend quantises (the test backend: whole mm) goes from
+            # its exact place outwards to the step, so the area scanned covers the one
+            # asked for (and is exactly it when the edges fall on steps: A4 at 300 dpi).
             x0, y0 = values["x_offset"], values["y_offset"]
             edges = {"tl-x": x0, "tl-y": y0, "br-x": x0 + values["width"], "br-y": y0 + values["height"]}
             for name in GEOMETRY:
@@ -393,6 +394,8 @@ class OptionSet:
                 pixels = edges[name]
                 if option.unit == Unit.PIXEL:
                     value: Any = int(pixels)
+                elif _stepped(option):
+                    value = _quantise(option, pixels * MM_PER_INCH / dpi, far)
                 else:
                     value = _quantise(option, (pixels + (0.35 if far else 0.1)) * MM_PER_INCH / dpi, far)
                 wanted.append((name, float(value) if option.type == Type.FIXED else int(round(value))))
@@ -411,6 +414,11 @@ class OptionSet:
         if values["y_offset"] + values["height"] > values["max_height"]:
             raise InvalidArgument(f"y_offset + height must not exceed max_height ({values['max_height']} at "
                                   f"{values['resolution']} dpi)")
+
+
+def _stepped(option: Option) -> bool:
+    valid = option.valid()
+    return isinstance(valid, Range) and bool(valid.step)
 
 
 def _quantise(option: Option, value: float, up: bool) -> float:
