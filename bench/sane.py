@@ -447,7 +447,7 @@ class BridgeWorker:
         t0 = clock()
         n = 0
         for block in self.process.scan(threading.Event()):
-            if isinstance(block, bytearray):
+            if isinstance(block, (bytes, bytearray)):
                 n += len(block)
         t1 = clock()
         self.process.finish()
