@@ -45,6 +45,7 @@ from stillsvc.core.items import (
     check_dependent,
     check_writes,
     describe_property,
+    refresh_read_only,
     synchronize_tree,
 )
 from stillsvc.core.lockfile import DeviceLockFile
@@ -497,11 +498,13 @@ class Device:
         await self.refresh_tree()
 
     def _merge(self, root: DriverItem, fresh: DriverItem) -> tuple[list[DriverItem], list[DriverItem]]:
-        added, removed = synchronize_tree(root, fresh)
+        updated: dict[DriverItem, set[str]] = {}
+        added, removed = synchronize_tree(root, fresh, updated)
         for item in added:
             self._track(item)
         for s in list(self.sessions):
             if s.root_item is not None:
+                refresh_read_only(s.root_item, updated)
                 attach_new_items(s.root_item, added)
         if added or removed:
             self.log.info("item tree synchronized", added=len(added), removed=len(removed),

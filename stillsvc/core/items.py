@@ -19,7 +19,7 @@ from stillsvc.driver.items import Access, DriverItem, PropertySpec, Valid
 
 __all__ = [
     "AppItem", "PropertyDump", "attach_new_items", "build_app_tree", "check_dependent", "check_writes", "defaults",
-    "describe_property", "synchronize_tree",
+    "describe_property", "refresh_read_only", "synchronize_tree",
 ]
 
 
@@ -108,6 +108,19 @@ def build_app_tree(driver_root: DriverItem) -> AppItem:
     return build(driver_root, None)
 
 
+def refresh_read_only(app_root: AppItem, updated: dict[DriverItem, set[str]]) -> None:
+    """Application items take the read-only values the device changed (``updated``,
+    from :func:`synchronize_tree`: a picture's size, a storage's free space); what a
+    client set, and what depends on it, stays."""
+    if not updated:
+        return
+    for app in app_root.walk():
+        names = updated.get(app.driver_item)
+        if names and app.connected:
+            for name in names:
+                app.values[name] = app.driver_item.values[name]
+
+
 def attach_new_items(app_root: AppItem, added: list[DriverItem]) -> list[AppItem]:
     """Give a session application items for driver items that synchronize added."""
     by_path = {app.path: app for app in app_root.walk()}
@@ -130,17 +143,29 @@ def attach_new_items(app_root: AppItem, added: list[DriverItem]) -> list[AppItem
     return created
 
 
-def synchronize_tree(old_root: DriverItem, new_root: DriverItem) -> tuple[list[DriverItem], list[DriverItem]]:
+def synchronize_tree(old_root: DriverItem, new_root: DriverItem,
+                     updated: dict[DriverItem, set[str]] | None = None) -> tuple[list[DriverItem], list[DriverItem]]:
     """Bring the tree under ``old_root`` in line with a freshly built ``new_root``.
 
-    Items whose path is in both trees stay (with their links); items only in the old
-    tree are removed (-1, marked); items only in the new tree are added (+1).
-    Returns (added, removed). ``new_root`` itself is discarded.
+    Items whose path is in both trees stay (with their links) and take the fresh
+    tree's values (what the device says now: a picture's size, a storage's free
+    space); items only in the old tree are removed (-1, marked); items only in the
+    new tree are added (+1). Returns (added, removed); ``updated`` (if given) gets
+    the kept items whose read-only values changed, with their names. ``new_root``
+    itself is discarded.
     """
     added: list[DriverItem] = []
     removed: list[DriverItem] = []
+    if updated is None:
+        updated = {}
 
     def merge(old: DriverItem, new: DriverItem) -> None:
+        if new.specs.keys() == old.specs.keys() and new.values != old.values:
+            changed = {name for name, spec in old.specs.items()
+                       if spec.access is Access.READ and old.values.get(name) != new.values.get(name)}
+            if changed:
+                updated[old] = changed
+            old.values = new.values
         new_by_name = {child.name: child for child in new.children}
         for child in list(old.children):
             replacement = new_by_name.pop(child.name, None)

@@ -88,7 +88,7 @@ class Transfer:
     def __init__(self, device: Device, session: Session, app: AppItem, fd: int, fmt: str,
                  progress: Progress | None = None, span: tuple[int, int | None] | None = None) -> None:
         is_file = "resolution" not in app.specs and "size" in app.specs  # a camera's picture, a file
-        fmt = fmt or app.values.get("format", "native" if is_file else DEFAULT_FORMAT)
+        fmt = fmt or ("native" if is_file else app.values.get("format", DEFAULT_FORMAT))
         if fmt not in FORMATS and fmt not in FILE_VARIANTS:
             raise InvalidArgument(f"unknown format {quote(fmt)} (formats: {', '.join(FORMATS + FILE_VARIANTS)})")
         if fmt in FILE_VARIANTS and not is_file:

@@ -195,8 +195,11 @@ class PtpCamera(Minidriver):
         self.usb.open()
         self.session = PtpSession(self.usb)
         try:
-            self.info = self.session.device_info()
+            # The session first: a camera that still has one open (the service was
+            # killed) answers OpenSession with SessionAlreadyOpen, which a Device Reset
+            # clears; GetDeviceInfo outside of it could meet unknown transaction ids.
             self.session.open_session()
+            self.info = self.session.device_info()
         except PtpError as e:
             self._close()
             raise e.error() from None
@@ -238,8 +241,6 @@ class PtpCamera(Minidriver):
         self._start_listing()
         info = self.info
         capabilities = ["storage", "events"]
-        if Op.InitiateCapture in info.operations:
-            capabilities.append("capture")
         if Op.DeleteObject in info.operations:
             capabilities.append("delete")
         if Op.GetThumb in info.operations:
@@ -376,11 +377,11 @@ class PtpCamera(Minidriver):
             if event is None:
                 continue
             try:
-                self._event(event.code, event.params)
+                self._event(event.code, event.params, event.transaction)
             except StillError as e:
                 self.log.warning("handling a camera event failed", event=code_name(event.code), error=e.message)
 
-    def _event(self, code: int, params: tuple[int, ...]) -> None:
+    def _event(self, code: int, params: tuple[int, ...], transaction: int = 0) -> None:
         first = params[0] if params else 0
         self.log.debug("camera event", ptp_event=code_name(code), params=params)
         if code == Event.ObjectAdded:
@@ -430,7 +431,7 @@ class PtpCamera(Minidriver):
                 self.host.tree_changed(DeviceEvent("storage-removed", {"item": f"Root/{_storage_name(first)}",
                                                                        "storage": first}))
         elif code == Event.CaptureComplete:
-            self.host.emit_event(DeviceEvent("capture-complete", {"transaction": first}))
+            self.host.emit_event(DeviceEvent("capture-complete", {"transaction": transaction}))
         elif code == Event.DeviceInfoChanged:
             try:
                 self.info = self._session().device_info()

@@ -363,13 +363,13 @@ def ptp_date(text: str) -> str:
     """A PTP date (``YYYYMMDDThhmmss[.s][Z|±hhmm]``) as ISO 8601, or "" when it is not one."""
     if not text:
         return ""
-    core = text.split(".")[0]
-    zone = ""
+    core, zone = text, ""
     for mark in ("Z", "+", "-"):
         if mark in core[8:]:
             at = core.index(mark, 8)
-            core, zone = core[:at], text[text.index(mark, 8):]
+            core, zone = core[:at], core[at:]
             break
+    core = core.split(".")[0]  # tenths of a second
     try:
         when = datetime.strptime(core, "%Y%m%dT%H%M%S")
     except ValueError:

@@ -18,7 +18,7 @@ from array import array
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from stillsvc.common.errors import Cancelled, Failed
+from stillsvc.common.errors import Cancelled, Failed, Timeout
 from stillsvc.driver.usb import UsbPort
 from stillsvc.drivers.ptp.protocol import (
     HEADER,
@@ -81,67 +81,77 @@ class PtpSession:
         collected in the reply), response. A response other than OK raises
         :class:`PtpError`."""
         with self.lock:
-            tid = 0 if op == Op.OpenSession else self._next()
-            self.port.write(command(op, tid, params), self.timeout_ms)
-            if data is not None:
-                self.port.write(data_header(op, tid, len(data)) + data, self.timeout_ms)
-            collected: list[bytes] | None = [] if sink is None else None
+            # Outside a session (GetDeviceInfo before OpenSession) the transaction id is 0.
+            tid = 0 if op == Op.OpenSession or not self.session_id else self._next()
+            try:
+                return self._transaction(op, tid, params, data, sink, cancel)
+            except Timeout:
+                # What the camera sends late must not meet the next transaction.
+                self._cancel(tid)
+                raise
 
-            def deliver(view: memoryview) -> None:
-                if collected is not None:
-                    collected.append(bytes(view))
-                    return
-                assert sink is not None
-                try:
-                    sink(view)
-                except BaseException:
-                    # The consumer stopped (cancelled, its reader gone): the camera must
-                    # stop sending too, or its data would meet the next transaction.
+    def _transaction(self, op: int, tid: int, params: tuple[int, ...], data: bytes | None, sink: Sink | None,
+                     cancel: threading.Event | None) -> Reply:
+        self.port.write(command(op, tid, params), self.timeout_ms)
+        if data is not None:
+            self.port.write(data_header(op, tid, len(data)) + data, self.timeout_ms)
+        collected: list[bytes] | None = [] if sink is None else None
+
+        def deliver(view: memoryview) -> None:
+            if collected is not None:
+                collected.append(bytes(view))
+                return
+            assert sink is not None
+            try:
+                sink(view)
+            except BaseException:
+                # The consumer stopped (cancelled, its reader gone): the camera must
+                # stop sending too, or its data would meet the next transaction.
+                self._cancel(tid)
+                raise
+
+        buffer = self._buffer
+        n = self.port.read_into(buffer, self.timeout_ms)
+        view = memoryview(buffer)
+        head = parse_header(view[:n])
+        if head.type == ContainerType.DATA:
+            if head.transaction != tid:
+                raise Failed(f"the camera sent data for transaction {head.transaction} during {tid}")
+            total = head.length - HEADER.size
+            received = min(total, n - HEADER.size)
+            if received:
+                deliver(view[HEADER.size:HEADER.size + received])
+            full = n == len(buffer)
+            while received < total:
+                if cancel is not None and cancel.is_set():
                     self._cancel(tid)
-                    raise
-
-            buffer = self._buffer
-            n = self.port.read_into(buffer, self.timeout_ms)
-            view = memoryview(buffer)
-            head = parse_header(view[:n])
-            if head.type == ContainerType.DATA:
-                if head.transaction != tid:
-                    raise Failed(f"the camera sent data for transaction {head.transaction} during {tid}")
-                total = head.length - HEADER.size
-                received = min(total, n - HEADER.size)
-                if received:
-                    deliver(view[HEADER.size:HEADER.size + received])
+                    raise Cancelled(f"{code_name(op)} cancelled after {received} of {total} bytes")
+                n = self.port.read_into(buffer, self.timeout_ms)
+                if n == 0:
+                    raise Failed(f"the camera ended {code_name(op)}'s data after {received} of {total} bytes")
+                take = min(n, total - received)
+                deliver(view[:take])
+                received += take
                 full = n == len(buffer)
-                while received < total:
-                    if cancel is not None and cancel.is_set():
-                        self._cancel(tid)
-                        raise Cancelled(f"{code_name(op)} cancelled after {received} of {total} bytes")
-                    n = self.port.read_into(buffer, self.timeout_ms)
-                    if n == 0:
-                        raise Failed(f"the camera ended {code_name(op)}'s data after {received} of {total} bytes")
-                    take = min(n, total - received)
-                    deliver(view[:take])
-                    received += take
-                    full = n == len(buffer)
-                response = None
-                if full and head.length % self.port.packet_size == 0:
-                    # The data phase ended with a full read: its zero-length packet is still to come.
-                    n = self.port.read_into(buffer, self.timeout_ms)
-                    if n:
-                        response = parse_params(view[:n])
-                if response is None:
-                    n = self.port.read_into(buffer, self.timeout_ms)
+            response = None
+            if full and head.length % self.port.packet_size == 0:
+                # The data phase ended with a full read: its zero-length packet is still to come.
+                n = self.port.read_into(buffer, self.timeout_ms)
+                if n:
                     response = parse_params(view[:n])
-            else:
+            if response is None:
+                n = self.port.read_into(buffer, self.timeout_ms)
                 response = parse_params(view[:n])
-            if response.type != ContainerType.RESPONSE:
-                raise Failed(f"the camera sent a container of type {response.type} where a response belongs "
-                             f"({code_name(op)})")
-            if response.transaction != tid:
-                raise Failed(f"the camera answered transaction {response.transaction} to {tid} ({code_name(op)})")
-            if response.code != Response.OK:
-                raise PtpError(op, response.code, response.params)
-            return Reply(response.code, response.params, b"".join(collected) if collected is not None else b"")
+        else:
+            response = parse_params(view[:n])
+        if response.type != ContainerType.RESPONSE:
+            raise Failed(f"the camera sent a container of type {response.type} where a response belongs "
+                         f"({code_name(op)})")
+        if response.transaction != tid:
+            raise Failed(f"the camera answered transaction {response.transaction} to {tid} ({code_name(op)})")
+        if response.code != Response.OK:
+            raise PtpError(op, response.code, response.params)
+        return Reply(response.code, response.params, b"".join(collected) if collected is not None else b"")
 
     def _cancel(self, tid: int) -> None:
         """The class request Cancel, then wait for the camera to be ready and drain its data."""
@@ -191,8 +201,9 @@ class PtpSession:
             except PtpError as e:
                 if e.code != Response.SessionAlreadyOpen:
                     raise
-                # A session left open by someone before: close it and open ours.
-                self.transaction(Op.CloseSession)
+                # A session left open by someone before (whose transaction ids we do not
+                # know): Device Reset closes it, then ours is opened.
+                self.port.control(0x21, 0x66, 0, b"", 2000)
                 self.transaction_id = 0
                 self.transaction(Op.OpenSession, (session_id,))
             self.session_id = session_id
@@ -200,8 +211,10 @@ class PtpSession:
     def close_session(self) -> None:
         with self.lock:
             if self.session_id:
-                self.session_id = 0
-                self.transaction(Op.CloseSession)
+                try:
+                    self.transaction(Op.CloseSession)
+                finally:
+                    self.session_id = 0
 
     def read_event(self, timeout_ms: int) -> Container | None:
         """The next event from the interrupt endpoint; None when none came in time."""
