@@ -168,6 +168,16 @@ class Match:
             return False
         return self.port is None or fnmatch.fnmatchcase(candidate.port, self.port)
 
+    @property
+    def rank(self) -> int:
+        """How specific the declaration is, as an ``.inf`` file ranks its matches: the
+        device's own ids first, then what a hardware database says of it (udev
+        properties) or a name pattern, then a class of interface, then the subsystem
+        alone. The most specific match wins."""
+        return ((8 if self.vendor_id is not None or self.product_id is not None else 0)
+                + (4 if self.properties or self.port is not None else 0)
+                + (2 if self.interface is not None else 0))
+
 
 @dataclass(frozen=True)
 class DeviceInfo:
@@ -391,11 +401,14 @@ class Minidriver:
 
 def match(drivers: Mapping[str, type[Minidriver]], candidate: Candidate) -> type[Minidriver] | None:
     """The matcher: the driver for ``candidate`` — the one it names (a configured
-    device), else the first driver, by name for a stable choice, with a
-    :class:`Match` that fits it. None when no driver handles it."""
+    device), else the driver whose fitting :class:`Match` is the most specific
+    (:attr:`Match.rank`: a vendor's own driver before a class driver such as
+    ``ptp``), by name among equals for a stable choice. None when no driver handles it."""
     if candidate.driver:
         return drivers.get(candidate.driver)
+    best: tuple[int, str] | None = None
     for name in sorted(drivers):
-        if any(m.matches(candidate) for m in drivers[name].matches):
-            return drivers[name]
-    return None
+        ranks = [m.rank for m in drivers[name].matches if m.matches(candidate)]
+        if ranks and (best is None or max(ranks) > best[0]):
+            best = (max(ranks), name)
+    return drivers[best[1]] if best is not None else None

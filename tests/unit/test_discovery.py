@@ -194,3 +194,31 @@ async def test_a_named_driver_that_is_not_installed_is_explained(manager):
     await manager.found(usb(ID_STILLSVC_DRIVER="ptp"))
     (entry,) = manager.candidate_report()
     assert entry.status == "unmatched" and "no driver named 'ptp'" in entry.reason
+
+
+# -- the matcher: the most specific declaration wins ------------------------------------------
+
+def _driver(driver_name: str, *declared: Match) -> type:
+    return type(driver_name, (SimulatedScanner,), {"name": driver_name, "matches": declared})
+
+
+def test_the_most_specific_match_wins_over_a_class_driver_whatever_the_names():
+    from stillsvc.driver import match
+
+    ptp = _driver("ptp", Match("usb", interface=(6, 1, 1)))
+    sane = _driver("sane", Match("usb", properties=(("libsane_matched", "yes"),)))
+    vendor = _driver("zzz-vendor", Match("usb", vendor_id=0x04A9, product_id=0x190A))
+    drivers = {"ptp": ptp, "sane": sane, "zzz-vendor": vendor}
+    camera = Candidate("c", "usb", vendor_id=0x04A9, product_id=0x3218, interfaces=((6, 1, 1),))
+    scanner = Candidate("s", "usb", vendor_id=0x04A9, product_id=0x1909, interfaces=((6, 1, 1),),
+                        properties={"libsane_matched": "yes"})
+    own = Candidate("o", "usb", vendor_id=0x04A9, product_id=0x190A, interfaces=((6, 1, 1),),
+                    properties={"libsane_matched": "yes"})
+    assert match(drivers, camera) is ptp  # only the class fits
+    assert match(drivers, scanner) is sane  # SANE's hardware database beats the interface class
+    assert match(drivers, own) is vendor  # the device's own ids beat both
+    assert match(drivers, Candidate("x", "usb", interfaces=((3, 1, 2),))) is None
+    assert match(drivers, Candidate("n", "usb", driver="ptp")) is ptp  # named outright
+    # Among equals the first by name, so the choice is the same on every run.
+    twin = _driver("aaa-ptp", Match("usb", interface=(6, 1, 1)))
+    assert match({**drivers, "aaa-ptp": twin}, camera) is twin
