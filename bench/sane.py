@@ -104,7 +104,6 @@ import argparse
 import array
 import asyncio
 import bisect
-import fcntl
 import json
 import os
 import random
@@ -130,6 +129,7 @@ from dbus_fast import Message, MessageType  # noqa: E402
 from helpers import Daemon, DBusDaemon, connect  # noqa: E402
 from roundtrip import block_order, machine, percentile, table  # noqa: E402
 from sane_backend import TestBackendConfig, test_backend_unavailable_reason  # noqa: E402
+from transfer import Reader, make_pipe  # noqa: E402
 
 from stillsvc.client import Client, Item, Session  # noqa: E402
 from stillsvc.common.names import BUS_NAME, MANAGER_IFACE, ROOT_PATH  # noqa: E402
@@ -145,7 +145,6 @@ SCANIMAGE = ["scanimage", "-d", "test:0", "--mode", "Color", "--resolution", "30
              "--format=pnm"]
 FORMATS = ("raw", "pnm")
 READ_SIZE = 1 << 20
-F_SETPIPE_SZ = 1031
 TARGET_RATIO = 0.9
 TARGET_LAG_MS = 5.0
 TARGET_IDLE_PCT = 1.0
@@ -163,42 +162,6 @@ clock = time.monotonic  # CLOCK_MONOTONIC: the same clock in the probe process
 
 
 # -- reading a pipe to its end --------------------------------------------------------------------
-
-class Reader(threading.Thread):
-    """Reads a descriptor to end of file in 1 MiB reads; notes the first byte and the end."""
-
-    def __init__(self, fd: int) -> None:
-        super().__init__(daemon=True, name="reader")
-        self.fd = fd
-        self.bytes = 0
-        self.head = b""
-        self.t_first: float | None = None
-        self.t_eof: float | None = None
-        self.error: BaseException | None = None
-
-    def run(self) -> None:
-        read, fd = os.read, self.fd
-        try:
-            data = read(fd, READ_SIZE)
-            if data:
-                self.t_first = clock()
-                self.head = data[:64]
-            n = 0
-            while data:
-                n += len(data)
-                data = read(fd, READ_SIZE)
-            self.t_eof = clock()
-            self.bytes = n
-        except BaseException as e:  # reported by the caller
-            self.error = e
-
-
-def make_pipe(size: int | None) -> tuple[int, int]:
-    r, w = os.pipe()
-    if size:
-        fcntl.fcntl(w, F_SETPIPE_SZ, size)
-    return r, w
-
 
 # -- stillsvc's page ----------------------------------------------------------------------------------
 

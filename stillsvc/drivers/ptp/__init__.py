@@ -274,31 +274,11 @@ class PtpCamera(Minidriver):
 
     def _list_all(self) -> None:
         """The background listing: every storage's objects, walking folders."""
-        last = time.monotonic()
         try:
-            for storage in list(self.storages.values()):
-                pending = [(ROOT_LEVEL, None)]
-                while pending and not self._stop.is_set():
-                    parent, parent_obj = pending.pop(0)
-                    children = self._children(storage.id, parent)
-                    for handle in children:
-                        if self._stop.is_set():
-                            return
-                        obj = self._fetch(handle)
-                        if obj is None:
-                            continue
-                        with self.model_lock:
-                            if storage.id not in self.storages:
-                                break  # the card was pulled
-                            if handle not in self.objects:
-                                self.objects[handle] = obj
-                                (parent_obj.children if parent_obj is not None else storage.top).append(handle)
-                                self.listed += 1
-                        if obj.info.is_folder:
-                            pending.append((handle, obj))
-                        if time.monotonic() - last > LISTING_REPORT:
-                            last = time.monotonic()
-                            self.host.tree_changed()
+            for storage_id in list(self.storages):
+                if self._stop.is_set():
+                    return
+                self._walk(storage_id)
         except StillError as e:
             if not self._stop.is_set():
                 self.log.warning("listing the camera's pictures stopped", error=e.message, listed=self.listed)
@@ -307,6 +287,33 @@ class PtpCamera(Minidriver):
             if not self._stop.is_set():
                 self.log.info("camera's pictures listed", objects=self.listed)
                 self.host.tree_changed()
+
+    def _walk(self, storage_id: int) -> None:
+        """One storage's objects into the model, folder by folder (some responders
+        list only a folder's own children, whatever the parent asked for), telling
+        the service every LISTING_REPORT seconds that the tree has grown."""
+        last = time.monotonic()
+        pending = [ROOT_LEVEL]
+        while pending and not self._stop.is_set():
+            for handle in self._children(storage_id, pending.pop(0)):
+                if self._stop.is_set() or storage_id not in self.storages:
+                    return  # stopping, or the card was pulled
+                obj = self._fetch(handle)
+                if obj is None:
+                    continue
+                with self.model_lock:
+                    storage = self.storages.get(storage_id)
+                    if storage is None or handle in self.objects:
+                        continue
+                    self.objects[handle] = obj
+                    parent = self.objects.get(obj.info.parent)
+                    (parent.children if parent is not None else storage.top).append(handle)
+                    self.listed += 1
+                if obj.info.is_folder:
+                    pending.append(handle)
+                if time.monotonic() - last > LISTING_REPORT:
+                    last = time.monotonic()
+                    self.host.tree_changed()
 
     def _children(self, storage_id: int, parent: int) -> tuple[int, ...]:
         try:
@@ -448,24 +455,9 @@ class PtpCamera(Minidriver):
             self.host.tree_changed()
 
     def _list_storage(self, storage_id: int) -> None:
-        storage = self.storages.get(storage_id)
-        if storage is None:
-            return
-        pending: list[tuple[int, _Object | None]] = [(ROOT_LEVEL, None)]
+        """A card put in: its objects, on a thread of its own."""
         try:
-            while pending and not self._stop.is_set():
-                parent, parent_obj = pending.pop(0)
-                for handle in self._children(storage_id, parent):
-                    obj = self._fetch(handle)
-                    if obj is None:
-                        continue
-                    with self.model_lock:
-                        if storage_id not in self.storages or handle in self.objects:
-                            continue
-                        self.objects[handle] = obj
-                        (parent_obj.children if parent_obj is not None else storage.top).append(handle)
-                    if obj.info.is_folder:
-                        pending.append((handle, obj))
+            self._walk(storage_id)
         except StillError as e:
             self.log.warning("listing a new storage stopped", storage=f"{storage_id:08x}", error=e.message)
         self.host.tree_changed()
