@@ -23,6 +23,7 @@ locked or sent to the driver.
 
 from __future__ import annotations
 
+import asyncio
 import errno
 import fcntl
 import os
@@ -113,9 +114,11 @@ class Transfer:
 
     async def run(self) -> Summary:
         """Run the whole transfer; the descriptor is closed at the end."""
+        watch: asyncio.Task[None] | None = None
         try:
             check_descriptor(self.fd)
             os.set_blocking(self.fd, False)
+            watch = asyncio.get_running_loop().create_task(self._watch_reader())
             async with self.job:
                 self.log.info("transfer starting", format=self.format)
                 try:
@@ -136,10 +139,24 @@ class Transfer:
             self.log.info("transfer done", bytes=self.summary.bytes, pages=self.summary.pages)
             return self.summary
         finally:
+            if watch is not None:
+                watch.cancel()
             try:
                 os.close(self.fd)
             except OSError:
                 pass
+
+    async def _watch_reader(self) -> None:
+        """A reader that closes its end stops the transfer within a slice, even while
+        the device is still making the next band (a slow scanner): the descriptor is
+        looked at now and then for the error or hang-up that says so."""
+        poller = select.poll()
+        poller.register(self.fd, select.POLLERR | select.POLLHUP)
+        while not self.job.stopped:
+            await asyncio.sleep(WAIT_SLICE_MS / 1000)
+            if any(events & (select.POLLERR | select.POLLHUP | select.POLLNVAL) for _, events in poller.poll(0)):
+                self.job.stop("the reader closed its end of the stream")
+                return
 
     def _report(self, page: int, percent: int) -> None:
         if self.progress is not None:

@@ -26,6 +26,7 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -46,6 +47,8 @@ F_SETPIPE_SZ = 1031
 PIPE_SIZE = 1024 * 1024
 #: How long a backend may take for one call (or one block of a scan) before its worker is killed.
 DEFAULT_TIMEOUT = 60.0
+#: How often a scan waiting for the worker looks whether it was cancelled (seconds).
+CANCEL_SLICE = 0.1
 
 
 class WorkerDied(Failed):
@@ -107,6 +110,7 @@ class SaneProcess:
         self.spawned = 0
         #: Why the last worker ended, when it did not end on request.
         self.last_death = ""
+        self._cancel_sent = False
 
     # -- the process ----------------------------------------------------------------------
     @property
@@ -219,15 +223,18 @@ class SaneProcess:
             except OSError:
                 pass
 
-    def receive(self, during: str, timeout: float | None = None) -> tuple[dict[str, Any], bytes]:
-        """The next message: its JSON and its payload."""
-        header = self._read_exact(HEADER.size, during, timeout)
+    def receive(self, during: str, timeout: float | None = None,
+                cancel: threading.Event | None = None) -> tuple[dict[str, Any], bytes]:
+        """The next message: its JSON and its payload. While it waits, ``cancel`` being
+        set sends the worker ``cancel`` (``sane_cancel`` at once, even mid-read)."""
+        header = self._read_exact(HEADER.size, during, timeout, cancel)
         size, payload_size = HEADER.unpack(header)
-        message = json.loads(bytes(self._read_exact(size, during, timeout)))
-        payload = self._read_exact(payload_size, during, timeout) if payload_size else b""
+        message = json.loads(bytes(self._read_exact(size, during, timeout, cancel)))
+        payload = self._read_exact(payload_size, during, timeout, cancel) if payload_size else b""
         return message, payload
 
-    def _read_exact(self, size: int, during: str, timeout: float | None) -> bytes:
+    def _read_exact(self, size: int, during: str, timeout: float | None,
+                    cancel: threading.Event | None = None) -> bytes:
         """``size`` bytes from the worker: usually one read (the pipe holds a whole
         message), else the pieces joined. Each result is new memory, the caller's to keep."""
         assert self.proc is not None and self.proc.stdout is not None
@@ -237,8 +244,15 @@ class SaneProcess:
         poller = select.poll()
         poller.register(fd, select.POLLIN)
         wait = self.timeout if timeout is None else timeout
+        deadline = time.monotonic() + wait
         while got < size:
-            if not poller.poll(wait * 1000):
+            slice_ms = CANCEL_SLICE * 1000 if cancel is not None and not self._cancel_sent else wait * 1000
+            if not poller.poll(min(slice_ms, max(0.0, deadline - time.monotonic()) * 1000)):
+                if cancel is not None and cancel.is_set() and not self._cancel_sent:
+                    self._cancel_sent = True
+                    self.cancel()
+                if time.monotonic() < deadline:
+                    continue
                 self.kill(f"the SANE backend did not answer within {wait:g} s")
                 raise WorkerHung(f"the SANE backend did not answer within {wait:g} s during {during}; "
                                  "its worker process was stopped")
@@ -287,10 +301,11 @@ class SaneProcess:
         within it) raises the service's error."""
         with self._lock:
             self.send("scan")
+            self._cancel_sent = False
             finished = False
             try:
                 while True:
-                    message, payload = self.receive("a scan")
+                    message, payload = self.receive("a scan", cancel=cancel)
                     if "data" in message:
                         yield payload
                     elif "page" in message:
@@ -312,7 +327,9 @@ class SaneProcess:
 
     def _drain(self) -> None:
         """A scan left early: cancel it and read the worker's messages up to its end."""
-        self.cancel()
+        if not self._cancel_sent:
+            self._cancel_sent = True
+            self.cancel()
         while self.running:
             message, _ = self.receive("cancelling a scan")
             if "end" in message or "error" in message:

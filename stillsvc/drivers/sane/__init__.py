@@ -27,6 +27,8 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
+import structlog
+
 from stillsvc.common.errors import Empty, Failed, InvalidArgument, StillError
 from stillsvc.common.sane import Type
 from stillsvc.driver import (
@@ -43,12 +45,17 @@ from stillsvc.driver.items import Access, DriverItem, PropertySpec, Range
 from stillsvc.driver.sane import DEFAULT_TIMEOUT, PageGeometry, SaneProcess, WorkerDied, WorkerHung
 from stillsvc.drivers.sane.options import STATE_SENSORS, Option, OptionSet, Source, parse_options, pixels, slug
 
+log = structlog.get_logger(__name__)
+
 
 @dataclass
 class _SanePage:
     info: PageInfo
-    frames: Iterator[PageGeometry | bytearray]
+    frames: Iterator[PageGeometry | bytes]
     driver: SaneScanner
+    #: The scan itself (already started: it gave the page's geometry), which ``frames``
+    #: wraps; closed too, since closing a wrapper that never ran does not reach it.
+    scan: Iterator[PageGeometry | bytes] | None = None
 
     def bands(self) -> Iterator[bytes]:
         # Not ``yield from``: a consumer that drops this iterator (on the event loop)
@@ -63,9 +70,10 @@ class _SanePage:
                 yield block  # type: ignore[misc]
 
     def close(self) -> None:
-        close = getattr(self.frames, "close", None)
-        if close is not None:
-            close()
+        for it in (self.frames, self.scan):
+            close = getattr(it, "close", None)
+            if close is not None:
+                close()
 
 
 class SaneScanner(Minidriver):
@@ -407,7 +415,7 @@ class SaneScanner(Minidriver):
                     raise _after_pages(e, count) from None
                 assert isinstance(geometry, PageGeometry)
                 page = _SanePage(PageInfo(geometry.width, geometry.height, geometry.mode, geometry.depth,
-                                          int(values.get("resolution", 0))), _counted(frames, count), self)
+                                          int(values.get("resolution", 0))), _counted(frames, count), self, frames)
                 count += 1
                 yield page
         finally:
@@ -417,8 +425,8 @@ class SaneScanner(Minidriver):
             if process.running:
                 try:
                     process.finish()
-                except StillError:
-                    pass
+                except StillError as e:
+                    log.warning("ending the scan failed", device=self.config.id, error=e.message)
 
     def command(self, item: DriverItem, command: str, mode: Mode) -> None:
         if command == "synchronize":
