@@ -403,9 +403,9 @@ class PtpCamera(Minidriver):
                 parent = self.objects.get(obj.info.parent)
                 (parent.children if parent is not None else storage.top).append(first)
             path = self.path_of(first)
-            kind = "new-picture" if is_picture(obj.info.format) else "new-file"
+            kind = "new-picture" if is_picture(obj.info.format, obj.info.filename) else "new-file"
             self.host.tree_changed(DeviceEvent(kind, {"item": path, "name": obj.info.filename, "handle": first,
-                                                      "format": mime_of(obj.info.format)}))
+                                                      "format": mime_of(obj.info.format, obj.info.filename)}))
         elif code == Event.ObjectRemoved:
             path = self.path_of(first)
             if self._forget(first):
@@ -543,7 +543,7 @@ class PtpCamera(Minidriver):
                 parent_item.add_child(item)
                 self._add_children(item, obj.children, handle, storage)
             else:
-                parent_item.add_child(_item(names[handle], "picture" if is_picture(obj.info.format) else "file",
+                parent_item.add_child(_item(names[handle], "picture" if is_picture(obj.info.format, obj.info.filename) else "file",
                                             FILE_SPECS, _file_values(obj)))
 
     def _object(self, item: DriverItem) -> _Object:
@@ -567,7 +567,7 @@ class PtpCamera(Minidriver):
             info = FileInfo(name, obj.info.thumb_size, mime_of(obj.info.thumb_format))
             op = Op.GetThumb
         else:
-            info = FileInfo(name, obj.info.size, mime_of(obj.info.format))
+            info = FileInfo(name, obj.info.size, mime_of(obj.info.format, name))
             op = Op.GetObject
         session = self._session()
         if not session.supports(op):
@@ -603,7 +603,7 @@ class PtpCamera(Minidriver):
                     return
                 done += sent
 
-        return _PtpFile(FileInfo(obj.info.filename, length, mime_of(obj.info.format)), run)
+        return _PtpFile(FileInfo(obj.info.filename, length, mime_of(obj.info.format, obj.info.filename)), run)
 
     def command(self, item: DriverItem, command: str, mode: Mode) -> None:
         if command == "synchronize":
@@ -669,7 +669,8 @@ def _storage_values(storage: _Storage) -> dict[str, Any]:
 
 def _file_values(obj: _Object) -> dict[str, Any]:
     info = obj.info
-    return {"name": info.filename, "size": info.size, "format": mime_of(info.format), "ptp_format": info.format,
+    return {"name": info.filename, "size": info.size, "format": mime_of(info.format, info.filename),
+            "ptp_format": info.format,
             "width": info.width, "height": info.height, "bit_depth": info.bit_depth,
             "captured": ptp_date(info.captured), "modified": ptp_date(info.modified), "thumb_size": info.thumb_size,
             "thumb_format": mime_of(info.thumb_format) if info.thumb_format else "", "thumb_width": info.thumb_width,

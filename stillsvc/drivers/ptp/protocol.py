@@ -132,12 +132,36 @@ FORMATS: dict[int, tuple[str, bool]] = {
 }
 
 
-def mime_of(format_code: int) -> str:
-    return FORMATS.get(format_code, ("application/octet-stream", False))[0]
+UNDEFINED = 0x3000
+#: What a file name says when the format code says nothing (0x3000 "Undefined": QEMU's
+#: usb-mtp and some phones report every file so): (MIME type, picture?).
+EXTENSIONS: dict[str, tuple[str, bool]] = {
+    ".jpg": ("image/jpeg", True), ".jpeg": ("image/jpeg", True), ".png": ("image/png", True),
+    ".tif": ("image/tiff", True), ".tiff": ("image/tiff", True), ".gif": ("image/gif", True),
+    ".bmp": ("image/bmp", True), ".heic": ("image/heic", True), ".heif": ("image/heif", True),
+    ".webp": ("image/webp", True), ".dng": ("image/x-dng", True), ".cr2": ("image/x-canon-cr2", True),
+    ".cr3": ("image/x-canon-cr3", True), ".nef": ("image/x-nikon-nef", True), ".arw": ("image/x-sony-arw", True),
+    ".orf": ("image/x-olympus-orf", True), ".rw2": ("image/x-panasonic-rw2", True),
+    ".raf": ("image/x-fuji-raf", True), ".mp4": ("video/mp4", False), ".mov": ("video/quicktime", False),
+    ".txt": ("text/plain", False),
+}
 
 
-def is_picture(format_code: int) -> bool:
-    return FORMATS.get(format_code, ("", False))[1]
+def _described(format_code: int, filename: str) -> tuple[str, bool]:
+    if format_code == UNDEFINED and filename:
+        extension = filename[filename.rfind("."):].lower() if "." in filename else ""
+        if extension in EXTENSIONS:
+            return EXTENSIONS[extension]
+    return FORMATS.get(format_code, ("application/octet-stream", False))
+
+
+def mime_of(format_code: int, filename: str = "") -> str:
+    """The MIME type of an object: by its format code, or (code Undefined) its name."""
+    return _described(format_code, filename)[0]
+
+
+def is_picture(format_code: int, filename: str = "") -> bool:
+    return _described(format_code, filename)[1]
 
 
 def code_name(code: int) -> str:
