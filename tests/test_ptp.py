@@ -453,3 +453,32 @@ async def test_stillctl_items_get_and_delete(camera, tmp_path):
     assert r.code != 0 and "no item" in r.err and "img_0001.jpg" in r.err.lower()
     assert_daemon_healthy(daemon)
 
+
+
+async def test_capture_on_the_root_takes_a_picture_that_comes_as_new_picture(camera, bus):
+    """Item.Capture on a camera's Root: InitiateCapture; the picture the camera takes
+    comes as new-picture (its item in the tree), then capture-complete; a status
+    session and another item are refused."""
+    caps = await get_property(bus, "/org/stillsvc/StillImage1/devices/camera", DEVICE, "Capabilities")
+    assert "capture" in caps
+    status = await create_session(bus, "camera", mode="status")
+    root = await get_property(bus, status, SESSION, "RootItem")
+    await expect_error("AccessDenied", call(bus, root, ITEM, "Capture"))
+    await call(bus, status, SESSION, "Close")
+    session = await create_session(bus, "camera", mode="data")
+    root = await get_property(bus, session, SESSION, "RootItem")
+    await call(bus, session, SESSION, "Subscribe")
+    before = await items(bus, session)
+    async with Signals(bus, member="EventQueued", path=session) as queued:
+        await call(bus, root, ITEM, "Capture")
+        await queued.wait(2)
+        names = [m.body[0] for m in queued.received]
+        assert names[:2] == ["new-picture", "capture-complete"], names
+    (note,) = await call(bus, session, SESSION, "GetLastNotificationData")
+    mine = await items(bus, session)
+    taken = sorted(set(mine) - set(before))
+    assert taken and all(mine[path]["connected"] for path in taken), taken
+    assert any(mine[path]["kind"] == "picture" for path in taken)
+    storage = next(path for path in mine if mine[path]["kind"] == "storage")
+    await expect_error("InvalidArgument", call(bus, mine[storage]["object"], ITEM, "Capture"))
+    await call(bus, session, SESSION, "Close")

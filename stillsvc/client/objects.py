@@ -473,3 +473,8 @@ class Item:
         """Remove this item from the device (a camera's picture); needs data mode."""
         await self._call("Delete")
 
+    async def capture(self) -> None:
+        """On a camera's root item: take a picture (it comes as a ``new-picture``
+        event); needs data mode, and a camera that offers it (capability "capture")."""
+        await self._call("Capture")
+

@@ -497,6 +497,15 @@ class Device:
         await self.io(session, self.driver.command, item, "delete", session.mode, why="delete")
         await self.refresh_tree()
 
+    async def capture(self, session: Session, app: AppItem) -> None:
+        """A session's Capture on a camera's root: the camera takes a picture (it
+        arrives as a new-picture event, its item in the tree)."""
+        session.require_data("taking a picture")
+        app.check_device_access()
+        if app.driver_item is not self.tree:
+            raise InvalidArgument("Capture is a command of the device's root item")
+        await self.io(session, self.driver.command, app.driver_item, "capture", session.mode, why="capture")
+
     def _merge(self, root: DriverItem, fresh: DriverItem) -> tuple[list[DriverItem], list[DriverItem]]:
         updated: dict[DriverItem, set[str]] = {}
         added, removed = synchronize_tree(root, fresh, updated)

@@ -102,7 +102,7 @@ class _Host:
             self.loop.call_soon_threadsafe(fn, *args)
 
     def emit_event(self, event: DeviceEvent) -> None:
-        self._post(self.manager.driver_event, self.device_id, event)
+        self._post(self.manager.event_by_driver, self.device_id, event)
 
     def device_unplugged(self) -> None:
         self._post(self.manager.unplugged_by_driver, self.device_id)
@@ -456,6 +456,22 @@ class DeviceManager:
                 self.driver_event(device_id, event)
 
         device.tree_refresh = self.spawn(refresh())
+
+    def event_by_driver(self, device_id: str, event: DeviceEvent) -> None:
+        """A driver's event, routed in the order the driver reported it: after the tree
+        changes it reported before (a camera's ObjectAdded, then its CaptureComplete)."""
+        device = self.devices.get(device_id)
+        pending = device.tree_refresh if device is not None else None
+        if pending is None or pending.done():
+            self.driver_event(device_id, event)
+            return
+
+        async def after() -> None:
+            await asyncio.gather(pending, return_exceptions=True)
+            if not device.disconnected:
+                self.driver_event(device_id, event)
+
+        device.tree_refresh = self.spawn(after())
 
     def recovered_by_driver(self, device_id: str) -> None:
         device = self.devices.get(device_id)

@@ -1,4 +1,4 @@
-"""stillctl subcommands for the item tree: ``scan``, ``get``, ``delete``, ``items`` and ``props``.
+"""stillctl subcommands for the item tree: ``scan``, ``get``, ``delete``, ``capture``, ``items`` and ``props``.
 
 Registered with :func:`stillsvc.ctl.command` when :mod:`stillsvc.ctl` loads.
 """
@@ -188,6 +188,21 @@ async def cmd_delete(ctl: Ctl, args: argparse.Namespace) -> int:
         await (await session.item(info.path)).delete()
     if not ctl.json:
         print(f"deleted {info.item_path}", file=sys.stderr)
+    return 0
+
+
+@command("capture", "make a camera take a picture",
+         arg("device", metavar="DEVICE", help="the camera's device id"),
+         arg("--wait", type=float, default=30.0, metavar="SECONDS",
+             help="how long to wait for the device if another client holds it (default 30)"),
+         description="Open the camera in data mode and have it take a picture; the picture comes as a "
+                     "new-picture event (see 'stillctl events', 'stillctl register').")
+async def cmd_capture(ctl: Ctl, args: argparse.Namespace) -> int:
+    session = await ctl.client.manager.open_session(args.device, "data", wait=args.wait)
+    async with session:
+        await (await session.root()).capture()
+    if not ctl.json:
+        print(f"{args.device}: picture taken", file=sys.stderr)
     return 0
 
 

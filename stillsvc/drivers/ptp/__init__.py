@@ -241,6 +241,8 @@ class PtpCamera(Minidriver):
         self._start_listing()
         info = self.info
         capabilities = ["storage", "events"]
+        if Op.InitiateCapture in info.operations:
+            capabilities.append("capture")
         if Op.DeleteObject in info.operations:
             capabilities.append("delete")
         if Op.GetThumb in info.operations:
@@ -613,6 +615,10 @@ class PtpCamera(Minidriver):
                 thread.join(timeout=5.0)
             self._stop = threading.Event()
             self._list_all_now()
+            return
+        if command == "capture":
+            self.require_data(mode, "taking a picture")
+            self._call(Op.InitiateCapture, (0, 0))  # the camera's own storage and format
             return
         if command == "delete":
             self.require_data(mode, "deleting a picture")

@@ -66,7 +66,7 @@ RULES: dict[tuple[str, str], str] = {
     # Item: the owner of its session only
     **{(ITEM_IFACE, name): OWNER for name in (
         "ReadProperties", "GetPropertyAttributes", "WriteProperties", "Transfer", "Cancel", "Synchronize",
-        "Delete")},
+        "Delete", "Capture")},
     # Simulator: only simulated devices have it; driving one is a device use
     **{(SIMULATOR_IFACE, name): USE for name in (
         "PressButton", "LoadPages", "Jam", "Unplug", "Replug", "AttachFeeder")},

@@ -140,6 +140,12 @@ class ItemInterface(ServiceInterface):
         await self.session.device.delete_item(self.session, app)
 
     @method()
+    async def Capture(self):
+        app = self._mine()
+        self.session.check_open()
+        await self.session.device.capture(self.session, app)
+
+    @method()
     async def Synchronize(self):
         self._mine()
         self.session.check_open()
