@@ -15,9 +15,8 @@ on what the device was left with. The crash tests come last: they kill the worke
 device stuck for good (READER_GONE_DEADLOCK, a bug) run on a second daemon
 (``fragile``) that nothing else uses.
 
-Facts about the test backend these tests rely on (measured, see also
-/work/shared/NOTES.md): its geometry is in mm with a quantisation of 1 mm, so scan
-areas are given at 254 dpi (10 pixels a mm), and scanimage is given the area the
+Facts about the test backend these tests rely on (measured): its geometry is in
+mm with a quantisation of 1 mm, so scan areas are given at 254 dpi (10 pixels a mm), and scanimage is given the area the
 service scanned, in the whole mm it must have been (``area_args``: the tests of the
 frames hold whatever the service's rounding of the scan area, which is tested on its
 own); its feeder gives ten pages, answers NO_DOCS at the eleventh ``sane_start`` and

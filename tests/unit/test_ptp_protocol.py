@@ -1,8 +1,7 @@
 """PTP containers, datasets, response codes and dates (stillsvc.drivers.ptp.protocol).
 
-The datasets are built here by hand, field by field, from PIMA 15740 (ISO 15740)
-as /work/shared/NOTES.md sums it up, not with the simulated camera's encoders, so
-that the parsers are checked against an independent reading of the spec. A dataset
+The datasets are built here by hand, field by field, from PIMA 15740 (ISO 15740),
+not with the simulated camera's encoders, so that the parsers are checked against an independent reading of the spec. A dataset
 cut short anywhere is a clear ``Failed``; random bytes fed to every parser (with
 hypothesis) give a value or a StillError, never an IndexError or struct.error.
 """
