@@ -118,9 +118,6 @@ class RecordingHost:
     def device_failed(self, reason: str) -> None:
         self.failed = reason
 
-    def device_recovered(self) -> None:
-        self.failed = None
-
 
 def sequence(port: str, pause: Callable[[], None] | None = None) -> dict[str, Any]:
     """The fixed sequence against the device at ``port`` (``usb:BBB:DDD``); what it saw.

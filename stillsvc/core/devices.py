@@ -135,8 +135,9 @@ class Device:
         self.executor = executor
         #: Bringing a device back whose driver reported it failed (DeviceManager.recover).
         self.recovery: asyncio.Task[None] | None = None
-        #: The last rebuild of the tree the driver asked for (DriverHost.tree_changed).
-        self.tree_refresh: asyncio.Task[None] | None = None
+        #: The last of what the driver reported by itself (tree changes, events), which
+        #: the manager applies one after another (DeviceManager._in_order).
+        self.reported: asyncio.Task[None] | None = None
 
     # -- what clients see -------------------------------------------------------
     @property
@@ -489,22 +490,23 @@ class Device:
     async def delete_item(self, session: Session, app: AppItem) -> None:
         """A session's Delete: the driver removes the item from the device (a camera's
         picture), then the tree follows (-1, the item marked dead)."""
-        session.require_data("deleting an item")
-        app.check_device_access()
-        item = app.driver_item
-        if item is self.tree:
+        if app.driver_item is self.tree:
             raise InvalidArgument("the root item cannot be deleted")
-        await self.io(session, self.driver.command, item, "delete", session.mode, why="delete")
+        await self._command(session, app, "delete", "deleting an item")
         await self.refresh_tree()
 
     async def capture(self, session: Session, app: AppItem) -> None:
         """A session's Capture on a camera's root: the camera takes a picture (it
         arrives as a new-picture event, its item in the tree)."""
-        session.require_data("taking a picture")
-        app.check_device_access()
         if app.driver_item is not self.tree:
             raise InvalidArgument("Capture is a command of the device's root item")
-        await self.io(session, self.driver.command, app.driver_item, "capture", session.mode, why="capture")
+        await self._command(session, app, "capture", "taking a picture")
+
+    async def _command(self, session: Session, app: AppItem, command: str, what: str) -> None:
+        """A device command on an item, for a session in data mode, under the device lock."""
+        session.require_data(what)
+        app.check_device_access()
+        await self.io(session, self.driver.command, app.driver_item, command, session.mode, why=command)
 
     def _merge(self, root: DriverItem, fresh: DriverItem) -> tuple[list[DriverItem], list[DriverItem]]:
         updated: dict[DriverItem, set[str]] = {}

@@ -141,7 +141,6 @@ class Job:
                 self.log.info("file job starting", variant=self.file_variant)
                 self.file = await self._on_worker(self.device.driver.open_file, item, self.file_variant,
                                                   self.session.mode, self.cancel, self.span)
-                self._pages = iter(())
             else:
                 self.log.info("job starting", max_pages=self.max_pages)
                 await self.device.run_driver(self.device.driver.write_properties, item, values, self.session.mode)

@@ -116,9 +116,6 @@ class _Host:
     def tree_changed(self, event: DeviceEvent | None = None) -> None:
         self._post(self.manager.tree_changed_by_driver, self.device_id, event)
 
-    def device_recovered(self) -> None:
-        self._post(self.manager.recovered_by_driver, self.device_id)
-
 
 class DeviceManager:
     """The devices and sessions. Devices come from discovery backends as candidates
@@ -443,11 +440,8 @@ class DeviceManager:
             return
         if device is None or device.disconnected:
             return
-        previous = device.tree_refresh
 
         async def refresh() -> None:
-            if previous is not None:
-                await asyncio.gather(previous, return_exceptions=True)
             try:
                 await device.refresh_tree()
             except StillError as e:
@@ -455,28 +449,32 @@ class DeviceManager:
             if event is not None and not device.disconnected:
                 self.driver_event(device_id, event)
 
-        device.tree_refresh = self.spawn(refresh())
+        self._in_order(device, refresh)
 
     def event_by_driver(self, device_id: str, event: DeviceEvent) -> None:
         """A driver's event, routed in the order the driver reported it: after the tree
         changes it reported before (a camera's ObjectAdded, then its CaptureComplete)."""
         device = self.devices.get(device_id)
-        pending = device.tree_refresh if device is not None else None
-        if pending is None or pending.done():
+        if device is None or device.reported is None or device.reported.done():
             self.driver_event(device_id, event)
             return
 
-        async def after() -> None:
-            await asyncio.gather(pending, return_exceptions=True)
+        async def route() -> None:
             if not device.disconnected:
                 self.driver_event(device_id, event)
 
-        device.tree_refresh = self.spawn(after())
+        self._in_order(device, route)
 
-    def recovered_by_driver(self, device_id: str) -> None:
-        device = self.devices.get(device_id)
-        if device is not None and device.failure and not device.disconnected:
-            self._recovered(device)
+    def _in_order(self, device: Device, step: Callable[[], Awaitable[None]]) -> None:
+        """Run ``step`` once what the driver reported before it is done."""
+        previous = device.reported
+
+        async def run() -> None:
+            if previous is not None:
+                await asyncio.gather(previous, return_exceptions=True)
+            await step()
+
+        device.reported = self.spawn(run())
 
     def _recovered(self, device: Device) -> None:
         device.log.info("device recovered", was=device.failure)

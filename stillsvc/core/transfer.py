@@ -126,7 +126,7 @@ class Transfer:
                         self.summary.content_type = self.job.file.info.content_type
                         self.summary.name = self.job.file.info.name
                         self.summary.pages = 1
-                        await self.job.push_file(_FdSink(self)._write)
+                        await self.job.push_file(_FdWriter(self)._write)
                     else:
                         await self.job.push(_FdSink(self))
                 except StillError as e:
@@ -163,33 +163,15 @@ class Transfer:
             self.progress(page, percent, self.summary.bytes)
 
 
-class _FdSink:
-    """Encodes pages and writes them into the transfer's descriptor (worker thread)."""
+class _FdWriter:
+    """Writes into the transfer's descriptor (worker thread): a file's bytes as they come."""
 
     def __init__(self, transfer: Transfer) -> None:
         self.transfer = transfer
         self.job = transfer.job
         self.summary = transfer.summary
-        self.encoder = make_encoder(transfer.format if transfer.format in FORMATS else "raw")
         self.poller = select.poll()
         self.poller.register(transfer.fd, select.POLLOUT)
-
-    def begin_page(self, info: PageInfo, number: int) -> None:
-        image = image_info(info)
-        s = self.summary
-        s.pages = number
-        s.width, s.height, s.mode, s.depth, s.resolution = (
-            image.width, image.height, image.mode, image.depth, image.resolution)
-        self._write(self.encoder.begin_page(image))
-
-    def add_rows(self, band: bytes) -> None:
-        self._write(self.encoder.add_rows(band))
-
-    def end_page(self) -> None:
-        self._write(self.encoder.end_page())
-
-    def finish(self) -> None:
-        self._write(self.encoder.finish())
 
     def _write(self, data: bytes | memoryview) -> None:
         """Write all of ``data``, waiting for the reader in slices; raises Cancelled
@@ -215,4 +197,29 @@ class _FdSink:
             view = view[written:]
             self.summary.bytes += written
             self.job.touch()
+
+
+class _FdSink(_FdWriter):
+    """Encodes pages and writes them into the transfer's descriptor (worker thread)."""
+
+    def __init__(self, transfer: Transfer) -> None:
+        super().__init__(transfer)
+        self.encoder = make_encoder(transfer.format)
+
+    def begin_page(self, info: PageInfo, number: int) -> None:
+        image = image_info(info)
+        s = self.summary
+        s.pages = number
+        s.width, s.height, s.mode, s.depth, s.resolution = (
+            image.width, image.height, image.mode, image.depth, image.resolution)
+        self._write(self.encoder.begin_page(image))
+
+    def add_rows(self, band: bytes) -> None:
+        self._write(self.encoder.add_rows(band))
+
+    def end_page(self) -> None:
+        self._write(self.encoder.end_page())
+
+    def finish(self) -> None:
+        self._write(self.encoder.finish())
 

@@ -266,10 +266,6 @@ class DriverHost(Protocol):
         growing waits."""
         ...
 
-    def device_recovered(self) -> None:
-        """The device works again by itself after :meth:`device_failed`."""
-        ...
-
 
 class Minidriver:
     """Base class of every minidriver. Subclasses override what their device can do."""

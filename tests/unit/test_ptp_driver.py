@@ -70,9 +70,6 @@ class RecordingHost:
     def device_failed(self, reason: str) -> None:
         self._record("device_failed", reason)
 
-    def device_recovered(self) -> None:
-        self._record("device_recovered")
-
     def of(self, kind: str) -> list[tuple[Any, float]]:
         with self.cv:
             return [(payload, at) for k, payload, at in self.calls if k == kind]

@@ -59,10 +59,6 @@ class WorkerHung(Failed):
     """The backend did not answer in time; its worker was killed."""
 
 
-class SaneStatus(Failed):
-    """A SANE call failed with a status (see :func:`status_error` for the error it maps to)."""
-
-
 #: What a SANE status means to a client, and how to say it.
 _STATUS_ERRORS: dict[str, tuple[type[StillError], str]] = {
     "DEVICE_BUSY": (Busy, "the scanner is busy (another program may be using it)"),
@@ -78,12 +74,10 @@ _STATUS_ERRORS: dict[str, tuple[type[StillError], str]] = {
 }
 
 
-def status_error(status: str, call: str, detail: str = "") -> StillError:
+def status_error(status: str, call: str) -> StillError:
     """The service's error for a SANE status, with SANE's name in the message."""
     kind, text = _STATUS_ERRORS.get(status, (Failed, "the SANE backend failed"))
-    error = kind(f"{text} (SANE_STATUS_{status} from {call}{': ' + detail if detail else ''})")
-    error.sane_status = status  # type: ignore[attr-defined]
-    return error
+    return kind(f"{text} (SANE_STATUS_{status} from {call})")
 
 
 @dataclass(frozen=True)
@@ -94,7 +88,6 @@ class PageGeometry:
     height: int
     mode: str
     depth: int
-    frame: str
 
 
 class SaneProcess:
@@ -270,7 +263,7 @@ class SaneProcess:
             reply, _ = self.receive(op)
         error = reply.get("error")
         if error is not None:
-            raise status_error(str(error.get("status")), str(error.get("call", op)), str(error.get("detail", "")))
+            raise status_error(str(error.get("status")), str(error.get("call", op)))
         return reply
 
     # -- SANE ---------------------------------------------------------------------------------
@@ -310,8 +303,7 @@ class SaneProcess:
                         yield payload
                     elif "page" in message:
                         p = message["page"]
-                        yield PageGeometry(int(p["width"]), int(p["height"]), str(p["mode"]), int(p["depth"]),
-                                           str(p.get("frame", "")))
+                        yield PageGeometry(int(p["width"]), int(p["height"]), str(p["mode"]), int(p["depth"]))
                     elif "end" in message:
                         finished = True
                         return
@@ -341,5 +333,5 @@ class SaneProcess:
             self.request("finish")
 
 
-__all__ = ["DEFAULT_TIMEOUT", "PageGeometry", "SaneProcess", "SaneStatus", "WorkerDied", "WorkerHung",
+__all__ = ["DEFAULT_TIMEOUT", "PageGeometry", "SaneProcess", "WorkerDied", "WorkerHung",
            "status_error"]

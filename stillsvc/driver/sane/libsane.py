@@ -73,9 +73,6 @@ class Parameters:
     lines: int
     depth: int
 
-    def as_dict(self) -> dict[str, Any]:
-        return {"format": self.format, "last_frame": self.last_frame, "bytes_per_line": self.bytes_per_line,
-                "pixels_per_line": self.pixels_per_line, "lines": self.lines, "depth": self.depth}
 
 
 def _text(value: bytes | None) -> str:
@@ -259,12 +256,6 @@ class Handle:
         self._check("sane_control_option", self.lib.sane_control_option(
             self.handle, index, Action.SET, ctypes.cast(buffer, ctypes.c_void_p), ctypes.byref(info)))
         return info.value, self._value(d, buffer, count)
-
-    def auto(self, index: int) -> int:
-        info = SANE_Word()
-        self._check("sane_control_option", self.lib.sane_control_option(
-            self.handle, index, Action.AUTO, None, ctypes.byref(info)))
-        return info.value
 
     # -- scanning ---------------------------------------------------------------------
     def parameters(self) -> Parameters:

@@ -122,17 +122,6 @@ class Worker:
             reply["options"] = self.read_options()
         return reply
 
-    def op_auto(self, request: dict[str, Any]) -> dict[str, Any]:
-        handle = self.require_handle()
-        info = handle.auto(int(request["index"]))
-        reply: dict[str, Any] = {"info": info}
-        if info & 2:
-            reply["options"] = self.read_options()
-        return reply
-
-    def op_parameters(self, request: dict[str, Any]) -> dict[str, Any]:
-        return {"parameters": self.require_handle().parameters().as_dict()}
-
     def op_finish(self, request: dict[str, Any]) -> dict[str, Any]:
         """End a batch (or an abandoned scan): ``sane_cancel``."""
         if self.handle is not None:
@@ -143,9 +132,6 @@ class Worker:
     def op_stats(self, request: dict[str, Any]) -> dict[str, Any]:
         calls = dict(self.library.calls) if self.library is not None else {}
         return {"calls": calls, "open": self.handle is not None, "pid": os.getpid()}
-
-    def op_crash(self, request: dict[str, Any]) -> None:  # a test aid: what a segfaulting backend does
-        os.kill(os.getpid(), signal.SIGSEGV)
 
     def op_scan(self, request: dict[str, Any]) -> None:
         handle = self.require_handle()
@@ -213,8 +199,7 @@ class Worker:
     # -- frames ---------------------------------------------------------------------------
     def page_message(self, params: Parameters, channels: int, lines: int) -> dict[str, Any]:
         mode = "color" if channels == 3 else "lineart" if params.depth == 1 else "gray"
-        return {"page": {"width": params.pixels_per_line, "height": lines, "mode": mode, "depth": params.depth,
-                         "frame": Frame(params.format).name, "bytes_per_line": params.bytes_per_line}}
+        return {"page": {"width": params.pixels_per_line, "height": lines, "mode": mode, "depth": params.depth}}
 
     def send_streamed(self, handle: Handle, params: Parameters) -> None:
         channels = 3 if params.format == Frame.RGB else 1

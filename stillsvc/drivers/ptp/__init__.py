@@ -609,12 +609,12 @@ class PtpCamera(Minidriver):
 
     def command(self, item: DriverItem, command: str, mode: Mode) -> None:
         if command == "synchronize":
+            # Everything listed again, on this thread (the caller waits); a background
+            # listing still running adds to the same model without harm.
             self._load_storages()
-            self._stop.set()
-            for thread in [t for t in self._threads if t.name.startswith("ptp-listing")]:
-                thread.join(timeout=5.0)
-            self._stop = threading.Event()
-            self._list_all_now()
+            self.listed = 0
+            for storage_id in list(self.storages):
+                self._walk(storage_id)
             return
         if command == "capture":
             self.require_data(mode, "taking a picture")
@@ -627,31 +627,6 @@ class PtpCamera(Minidriver):
             self._forget(obj.handle)
             return
         super().command(item, command, mode)
-
-    def _list_all_now(self) -> None:
-        """Synchronize: list everything again, on this thread (the caller waits)."""
-        listing = self.host
-        self.host = _Quiet(listing)
-        try:
-            self._list_all()
-        finally:
-            self.host = listing
-        if not self._threads or not any(t.name.startswith("ptp-events") and t.is_alive() for t in self._threads):
-            self._start_thread(self._events, "ptp-events")
-
-
-class _Quiet:
-    """A host that swallows tree_changed (a synchronize rebuilds the tree itself)."""
-
-    def __init__(self, host: Any) -> None:
-        self._host = host
-
-    def tree_changed(self, event: DeviceEvent | None = None) -> None:
-        if event is not None:
-            self._host.emit_event(event)
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._host, name)
 
 
 def _storage_name(storage_id: int) -> str:

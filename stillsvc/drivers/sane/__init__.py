@@ -20,7 +20,6 @@ progress fails with the reason, the device is reported failed
 
 from __future__ import annotations
 
-import fnmatch
 import os
 import threading
 from collections.abc import Callable, Iterator
@@ -490,12 +489,4 @@ def _worker_env() -> dict[str, str]:
     return dict(os.environ)
 
 
-def name_excluded(name: str, patterns: tuple[str, ...]) -> str:
-    """Why ``name`` matches one of ``patterns`` ("" when none)."""
-    for pattern in patterns:
-        if fnmatch.fnmatchcase(name, pattern):
-            return f"it matches {pattern!r} in [sane] exclude"
-    return ""
-
-
-__all__ = ["SaneScanner", "name_excluded"]
+__all__ = ["SaneScanner"]

@@ -303,9 +303,9 @@ class OptionSet:
         ]
         if self.has_geometry():
             width_mm, height_mm = self.bed_mm()
-            width, height = _pixels(width_mm, dpi), _pixels(height_mm, dpi)
+            width, height = pixels(width_mm, dpi), pixels(height_mm, dpi)
             x0, y0, x1, y1 = (self._mm(name) for name in GEOMETRY)
-            area = (_pixels(x0, dpi), _pixels(y0, dpi), max(1, _pixels(x1 - x0, dpi)), max(1, _pixels(y1 - y0, dpi)))
+            area = (pixels(x0, dpi), pixels(y0, dpi), max(1, pixels(x1 - x0, dpi)), max(1, pixels(y1 - y0, dpi)))
             specs += [
                 PropertySpec("x_offset", "u", min(area[0], width - 1), valid=Range(0, width - 1),
                              description="left edge, pixels"),
@@ -434,12 +434,9 @@ def _quantise(option: Option, value: float, up: bool) -> float:
     return min(max(value, valid.minimum), valid.maximum)
 
 
-def _pixels(mm: float, dpi: int) -> int:
-    return int(mm / MM_PER_INCH * dpi + 1e-6)
-
-
 def pixels(mm: float, dpi: int) -> int:
-    return _pixels(mm, dpi)
+    """The whole pixels in ``mm`` at ``dpi``."""
+    return int(mm / MM_PER_INCH * dpi + 1e-6)
 
 
 def _depth_default(options: OptionSet, depths: tuple[int, ...]) -> int:
